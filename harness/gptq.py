@@ -1,0 +1,445 @@
+"""GPTQ (Frantar et al., ICLR 2023): Hessian-compensated rounding, shared by every method that uses it.
+
+`gptq_quantize_weight` solves one weight matrix W [out, in] given H = 2/n Σ x xᵀ of its inputs:
+columns are quantized left to right (or by decreasing diag H with act-order) and each column's rounding
+error is spread over the not yet quantized columns through the upper Cholesky factor U of H⁻¹
+(H⁻¹ = UᵀU), in lazy blocks of `block_size` columns (one matmul per block for the columns to its right).
+
+Quantization params, with any format of harness.formats:
+  * per-row / per-tensor formats: computed once, up front, from the whole (dead-column-zeroed) rows.
+  * group formats (int*_gN, MX blocks of 32, NV blocks of 16, along the input dim): a group's scale (and
+    zero point) is computed from the current, already error-compensated weights of its columns when its
+    first column is reached, then every column of the group is rounded with those fixed params
+    (as the reference GPTQ does). Blocks are widened to a multiple of the group so a group never straddles
+    a lazy block and its weights are fully up to date when its params are chosen.
+  * static groups (`static_groups=True`, and ALWAYS with act-order + groups): every group's params are
+    fixed up front from the original weights of its ORIGINAL contiguous columns; each column, whatever its
+    position in the act-order permutation, is rounded with the params of its original group. This keeps
+    the format's storage layout (contiguous groups / MX and NV blocks); the reference's other act-order
+    variant (params per permuted group, stored through a g_idx) has no such layout, so it is not offered.
+  * NVFP4 / NVINT4: the fp32 per-tensor second-level scale comes from the ORIGINAL W's amax
+    (`tensor_amax`, computed when not given) and stays fixed; only the E4M3 block scales are searched.
+  * `mse_clip`: wherever params are computed, also try shrinking the range by factors 0.99 .. 0.80 (steps
+    of 0.01; the reference quantizer's `mse` option goes down to 0.21 with its maxshrink=0.8, grid=100) and
+    keep, per row and group, the factor with the least Σ|q - w|^2.4.
+
+`gptq_quantize_model` runs the solver decoder layer by decoder layer (see its docstring).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harness.errors import InvalidValueError, PtqbenchError
+from harness.formats import Format, QuantParams, compute_params, get_format, quantize, quantize_with_params
+
+MSE_SHRINKS = tuple(1 - i / 100 for i in range(21))  # 1.00, 0.99, ..., 0.80
+MSE_NORM = 2.4
+DAMP_RETRIES = 3  # a failed Cholesky retries with 10x, 100x, 1000x the dampening (at least 1e-4)
+
+
+class GPTQError(PtqbenchError):
+    """The solver cannot run on this Hessian (not finite, or not positive definite even when damped)."""
+
+
+@dataclass
+class SolveInfo:
+    """What one `gptq_quantize_weight` call did.
+
+    error: GPTQ's own loss, ½ Σ_j ||w_j − q_j||² / U_jj² (w_j the compensated column when it was rounded).
+    params: the quantization params actually used, indexed by ORIGINAL column group: entry g covers columns
+        [g·group_size, (g+1)·group_size); with group_size None there is one entry for all columns.
+    perm: the act-order column order (None without act-order). damp: relative dampening actually used.
+    """
+
+    error: float
+    seconds: float
+    damp: float
+    group_size: int | None = None
+    params: list[QuantParams] = field(default_factory=list, repr=False)
+    perm: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _params(x: torch.Tensor, fmt: Format, tensor_amax, mse_clip: bool) -> QuantParams:
+    """Params of the groups laid out along x's last dim; with mse_clip, the per-group best shrink."""
+    params = compute_params(x, fmt, tensor_amax)
+    if not mse_clip:
+        return params
+    x = x.float()
+
+    def lp_error(p: QuantParams) -> torch.Tensor:
+        return (quantize_with_params(x, p, fmt) - x).abs().pow(MSE_NORM).sum(-1, keepdim=True)
+
+    best = lp_error(params)
+    for shrink in MSE_SHRINKS[1:]:
+        trial = compute_params(x, fmt.with_(clip_ratio=fmt.clip_ratio * shrink), tensor_amax)
+        err = lp_error(trial)
+        better = err < best
+        best = torch.where(better, err, best)
+        params = QuantParams(*(None if old is None else torch.where(better, new, old)
+                               for old, new in ((params.scale, trial.scale), (params.zero, trial.zero),
+                                                (params.inv_scale, trial.inv_scale))))
+    return params
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """U with (H + λI)⁻¹ = UᵀU, λ = damp · mean(diag H); retries with more dampening if H is not PD."""
+    if not torch.isfinite(h).all():
+        raise GPTQError("GPTQ Hessian has non-finite entries (NaN/Inf in the calibration activations)")
+    mean_diag = torch.mean(torch.diagonal(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(DAMP_RETRIES + 1):
+        try:
+            lower = torch.linalg.cholesky(h + damp * mean_diag * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True), damp
+        except torch.linalg.LinAlgError:
+            if attempt == DAMP_RETRIES:
+                raise GPTQError(f"GPTQ Hessian is not positive definite even with damp={damp}") from None
+            damp = max(damp * 10, 1e-4)
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format | str, block_size: int = 128,
+                         damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                         mse_clip: bool = False, tensor_amax: torch.Tensor | float | None = None,
+                         ) -> tuple[torch.Tensor, SolveInfo]:
+    """Quantize `weight` [out, in] given its input Hessian [in, in]; returns (Q on the format grid, info).
+
+    Q has weight's dtype and device; the solve runs in fp32 on the weight's device.
+    """
+    start = time.perf_counter()
+    fmt = get_format(fmt)
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise InvalidValueError("GPTQ weight/Hessian shapes", (tuple(weight.shape), tuple(hessian.shape)),
+                                "W [out, in] with H [in, in]")
+    if block_size < 1 or damp < 0:
+        raise InvalidValueError("GPTQ block_size/damp", (block_size, damp), "block_size >= 1, damp >= 0")
+    device = weight.device
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    rows, cols = w.shape
+    group = fmt.group_size if fmt.granularity == "group" else None
+    if group and cols % group:
+        raise InvalidValueError(f"input dim for {fmt.name} (group size {group})", cols, f"a multiple of {group}")
+    if fmt.scale_type == "e4m3" and tensor_amax is None:
+        tensor_amax = w.abs().amax()  # from the original weights, before any update
+
+    # A column no calibration input ever reached: its weight cannot matter, zero it (and keep H invertible).
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    fixed = None  # per-row / per-tensor: one set of params, fixed up front
+    if fmt.granularity == "tensor":
+        fixed = _params(w.reshape(1, -1), fmt, tensor_amax, mse_clip)  # [1, 1]: broadcasts over rows
+    elif group is None:
+        fixed = _params(w, fmt, tensor_amax, mse_clip)
+    n_groups = cols // group if group else 1
+    used: list[QuantParams | None] = [fixed] if group is None else [None] * n_groups
+    if group and (static_groups or act_order):
+        used = [_params(w[:, g * group:(g + 1) * group], fmt, tensor_amax, mse_clip) for g in range(n_groups)]
+    dynamic = group is not None and used[0] is None
+    if group and block_size % group:
+        block_size = group * max(1, round(block_size / group))  # groups never straddle two lazy blocks
+
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    order = perm.tolist() if perm is not None else list(range(cols))
+    hinv, damp_used = _upper_cholesky_of_inverse(h, damp)
+    del h
+
+    q = torch.zeros_like(w)
+    loss = torch.zeros(rows, dtype=torch.float64, device=device)
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        w1 = w[:, b0:b1].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = order[b0 + i]  # original index of this column
+            if dynamic and col % group == 0:  # first column of a group: params from the updated weights
+                used[col // group] = _params(w1[:, i:i + group], fmt, tensor_amax, mse_clip)
+            params = used[col // group] if group else fixed
+            column = w1[:, i]
+            qcol = quantize_with_params(column[:, None], params, fmt)[:, 0]
+            q[:, b0 + i] = qcol
+            e = (column - qcol) / hinv1[i, i]
+            loss += e.double() ** 2
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]  # compensate inside the block now
+            err1[:, i] = e
+        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]  # ... and to the right of it, lazily, once per block
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    info = SolveInfo(float(loss.sum() / 2), time.perf_counter() - start, damp_used, group, used, perm)
+    return q.to(weight.dtype), info
+
+
+# ---- layer-wise driver ---------------------------------------------------------------------------
+class Hessian:
+    """Running H = 2/n Σ x xᵀ over the rows of x (on the device of the first batch).
+
+    Accumulated in fp64 (the reference uses fp32): a BLAS splits the token sum differently with other
+    thread counts, and in fp32 that moved GPTQ's results between a 2-thread local run and a 1-CPU
+    Ray worker; in fp64 the difference stays far below fp32 resolution."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.h: torch.Tensor = torch.zeros(dim, dim)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        m = x.shape[0]
+        if m == 0:
+            return
+        if self.n == 0:
+            self.h = torch.zeros(self.dim, self.dim, device=x.device, dtype=torch.float64)
+        self.h *= self.n / (self.n + m)  # keep H an average: 2/n Σ x xᵀ with n growing
+        self.n += m
+        x = x * (2 / self.n) ** 0.5
+        self.h += x.T @ x
+
+
+class GPTQWeights(dict):
+    """{model parameter name: quantized weight (CPU)}, plus `.report`: per-layer/per-linear records
+    (error, seconds, damp used), run settings, and `.report["rtn_fallback"]`: the experts (or linears)
+    that no calibration token reached and that were therefore rounded to nearest instead (also warned
+    about). Everything in `.report` is JSON-serialisable."""
+
+    def __init__(self):
+        super().__init__()
+        self.report: dict = {"layers": [], "linears": [], "rtn_fallback": []}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(model: nn.Module, layer: nn.Module, calib: torch.Tensor, batch_size: int) -> list[tuple]:
+    """(hidden states, kwargs) that `layer` receives, per calibration batch (the model stops there)."""
+    captured = []
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                model(calib[i:i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_kwargs(model: nn.Module, layers: list, calib: torch.Tensor, batch_size: int, inputs: list[tuple]):
+    """Per layer, its per-batch kwargs. Layers of another attention type than layer 0 (sliding-window
+    vs full) get another mask, captured by stopping the model at the first layer of that type."""
+    types = [getattr(view.module, "attention_type", None) for view in layers]
+    by_type = {types[0]: [kw for _, kw in inputs]}
+    for view, kind in zip(layers, types):
+        if kind not in by_type:
+            by_type[kind] = [kw for _, kw in _capture(model, view.module, calib, batch_size)]
+    return [by_type[kind] for kind in types]
+
+
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    outs = []
+    for x, kw in zip(hidden, kwargs):
+        out = layer(x, **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _site_module(layer: nn.Module, linear: nn.Linear) -> nn.Module:
+    """The module whose forward really runs for this linear (its QuantLinear wrapper, if any)."""
+    for module in layer.modules():
+        if getattr(module, "linear", None) is linear:
+            return module
+    return linear
+
+
+def _site_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the matmul really sees: the online transform of a QuantLinear applied (activations in FP)."""
+    transform = getattr(module, "input_transform", None)
+    return transform(x) if transform is not None else x
+
+
+def _stages(view, true_sequential: bool) -> list[dict]:
+    """Linears grouped by the input they share (one Hessian per group), in layer order; with
+    true_sequential each stage is calibrated after the previous one is quantized."""
+    stages = [{"groups": [[view.q, view.k, view.v]], "experts": ()},
+              {"groups": [[view.o]], "experts": ()},
+              {"groups": [view.mlp_in] if view.mlp_in else [], "experts": ("gate_up",)},
+              {"groups": [[lin] for lin in view.mlp_out], "experts": ("down",)}]
+    if view.experts is None:
+        for stage in stages:
+            stage["experts"] = ()
+    if true_sequential:
+        return stages
+    return [{"groups": [g for s in stages for g in s["groups"]],
+             "experts": tuple(e for s in stages for e in s["experts"])}]
+
+
+def _hessian_hooks(layer: nn.Module, groups: list[list[nn.Linear]], handles: list) -> dict[int, Hessian]:
+    """One Hessian per set of linears with the same input (and the same online transform, if any)."""
+    by_linear: dict[int, Hessian] = {}
+    for group in groups:
+        shared: dict[int, Hessian] = {}  # id(input transform) -> Hessian
+        for lin in group:
+            site = _site_module(layer, lin)
+            key = id(getattr(site, "input_transform", None))
+            if key not in shared:
+                shared[key] = Hessian(lin.in_features)
+                handles.append(site.register_forward_hook(
+                    lambda mod, args, _out, hess=shared[key]: hess.add(_site_input(mod, args[0]))))
+            by_linear[id(lin)] = shared[key]
+    return by_linear
+
+
+def _expert_hooks(view, parts: tuple[str, ...], handles: list) -> dict[str, list[Hessian]]:
+    """Per-expert Hessians of the fused experts, from the tokens the router sends to each expert."""
+    if not parts:
+        return {}
+    experts = view.experts
+    n = experts.num_experts
+    hess = {part: [Hessian(getattr(experts, part).shape[-1]) for _ in range(n)] for part in parts}
+
+    def hook(mod, args, kwargs, _out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        index = index.reshape(hidden.shape[0], -1)
+        for e in range(n):
+            token = torch.where((index == e).any(-1))[0]
+            if token.numel() == 0:
+                continue
+            x = hidden[token]
+            if "gate_up" in hess:
+                hess["gate_up"][e].add(x)
+            if "down" in hess:  # the down input as the expert computes it, with the current gate_up
+                gate, up = nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                h = mod.act_fn(gate) * up
+                transform = getattr(mod, "down_transform", None)
+                hess["down"][e].add(transform(h) if transform is not None else h)
+
+    handles.append(experts.module.register_forward_hook(hook, with_kwargs=True))
+    return hess
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, weight_fmt: Format | str,
+                        block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                        static_groups: bool = False, mse_clip: bool = False, true_sequential: bool = False,
+                        batch_size: int = 8, progress: Callable | None = None) -> GPTQWeights:
+    """Quantize every decoder-layer weight in place with GPTQ; returns {parameter name: quantized weight}.
+
+    The inputs of decoder layer 0 are captured once (the model stops there); then, layer by layer: run the
+    layer on the calibration batches with hooks that accumulate one Hessian per set of linears sharing an
+    input (q/k/v, o, gate/up, down; fused MoE experts: one per expert from the tokens routed to it), solve
+    and write each weight, and recompute the layer's outputs with the quantized weights as the next layer's
+    inputs. With `true_sequential`, the stages q/k/v -> o -> gate/up(+experts) -> down(+experts) are
+    calibrated one after another inside a layer, each seeing the quantized stages before it.
+    Experts that no calibration token reached are rounded to nearest (RTN), warned about and listed in
+    `result.report["rtn_fallback"]`. Router, norms, embeddings and lm_head are left untouched.
+    """
+    if adapter is None:
+        from harness.models import get_adapter
+
+        adapter = get_adapter(model)
+    if progress is None:
+        from harness.progress import track as progress
+    fmt = get_format(weight_fmt)
+    solve = dict(block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
+                 mse_clip=mse_clip)
+    names = {id(p): n for n, p in model.named_parameters()}
+    result = GPTQWeights()
+    result.report["settings"] = {**solve, "true_sequential": true_sequential, "format": fmt.name,
+                                 "n_windows": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[-1])}
+    layers = adapter.layers()
+    first = _capture(model, layers[0].module, calib_inputs, batch_size)
+    hidden = [x for x, _ in first]
+    kwargs_per_layer = _layer_kwargs(model, layers, calib_inputs, batch_size, first)
+    del first
+
+    for view, kwargs in zip(progress(layers, desc="GPTQ layers"), kwargs_per_layer):
+        start = time.perf_counter()
+        forward_s = 0.0
+        for stage in _stages(view, true_sequential):
+            handles: list = []
+            try:
+                hess = _hessian_hooks(view.module, stage["groups"], handles)
+                expert_hess = _expert_hooks(view, stage["experts"], handles)
+                t = time.perf_counter()
+                _run_layer(view.module, hidden, kwargs)
+                forward_s += time.perf_counter() - t
+            finally:
+                for handle in handles:
+                    handle.remove()
+            linears = {id(lin): (short, lin) for short, lin in view.linears().items()}
+            for group in stage["groups"]:
+                for lin in group:
+                    short, name = linears[id(lin)][0], names[id(lin.weight)]
+                    if hess[id(lin)].n == 0:  # the calibration never reached it: RTN, loudly
+                        lin.weight.copy_(quantize(lin.weight, fmt))
+                        warnings.warn(f"GPTQ: layer {view.index} {short} got no calibration input; RTN instead",
+                                      stacklevel=2)
+                        result.report["rtn_fallback"].append({"layer": view.index, "param": name})
+                    else:
+                        q, info = gptq_quantize_weight(lin.weight, hess[id(lin)].h, fmt, **solve)
+                        lin.weight.copy_(q)
+                        result.report["linears"].append(_record(view.index, short, name, lin.weight.shape, info))
+                    result[name] = lin.weight.detach().cpu().clone()
+            for part, per_expert in expert_hess.items():
+                _solve_experts(view, part, per_expert, fmt, solve, names, result)
+        t = time.perf_counter()
+        hidden = _run_layer(view.module, hidden, kwargs)  # inputs of the next layer, through quantized weights
+        forward_s += time.perf_counter() - t
+        result.report["layers"].append({"layer": view.index, "seconds": time.perf_counter() - start,
+                                        "forward_seconds": forward_s})
+    return result
+
+
+def _record(layer: int, short: str, name: str, shape, info: SolveInfo) -> dict:
+    return {"layer": layer, "linear": short, "param": name, "shape": list(shape), "error": info.error,
+            "seconds": info.seconds, "damp": info.damp}
+
+
+def _solve_experts(view, part: str, per_expert: list[Hessian], fmt: Format, solve: dict, names: dict,
+                   result: GPTQWeights) -> None:
+    param = getattr(view.experts, part)
+    name = names[id(param)]
+    start, error = time.perf_counter(), 0.0
+    # Same conventions as RTN of the fused tensor (harness.quant.apply): an NV tensor scale from the amax of
+    # all experts together, and RTN of the fused tensor for experts no calibration token reached.
+    amax = param.abs().amax() if fmt.scale_type == "e4m3" else None
+    rtn = [e for e, hess in enumerate(per_expert) if hess.n == 0]
+    rtn_weights = quantize(param.data, fmt) if rtn else None
+    for e, hess in enumerate(per_expert):
+        if hess.n == 0:  # never left in full precision
+            param[e].copy_(rtn_weights[e])
+        else:
+            q, info = gptq_quantize_weight(param[e], hess.h, fmt, tensor_amax=amax, **solve)
+            param[e].copy_(q)
+            error += info.error
+    if rtn:
+        warnings.warn(f"GPTQ: layer {view.index} {part} experts {rtn} got no calibration tokens; "
+                      f"quantized with RTN instead", stacklevel=3)
+        result.report["rtn_fallback"].append({"layer": view.index, "param": name, "experts": rtn})
+    result[name] = param.detach().cpu().clone()
+    result.report["linears"].append({"layer": view.index, "linear": f"experts.{part}", "param": name,
+                                     "shape": list(param.shape), "error": error,
+                                     "seconds": time.perf_counter() - start, "experts_rtn": rtn})

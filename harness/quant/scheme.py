@@ -1,0 +1,131 @@
+"""Quantization schemes: which format (if any) for weights, activations and the KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import InvalidValueError, UnknownNameError
+from harness.formats import Format, get_format
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Formats for weights (W), linear-layer inputs (A) and the KV cache (K after RoPE, V); None = full precision.
+
+    Every nn.Linear of every decoder layer and every routed expert is covered by W and A. lm_head and the
+    embedding table stay in full precision (as QuaRot and its successors do) unless `lm_head` /
+    `embeddings` is set: then lm_head gets W and A like any linear, the embedding rows get W. MoE routers,
+    norms and the attention softmax always stay in full precision. `to_dict` records all of that, so every
+    number says what was and was not quantized.
+    """
+
+    name: str
+    weight: Format | None = None
+    activation: Format | None = None
+    kv: Format | None = None
+    lm_head: bool = False
+    embeddings: bool = False
+
+    @property
+    def full_precision(self) -> list[str]:
+        parts = [] if self.embeddings and self.weight is not None else ["embeddings"]
+        parts += [] if self.lm_head and (self.weight or self.activation) else ["lm_head"]
+        return parts + ["router", "norms", "attention softmax"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "weight": self.weight.to_dict() if self.weight else None,
+            "activation": self.activation.to_dict() if self.activation else None,
+            "kv": self.kv.to_dict() if self.kv else None,
+            "full_precision": self.full_precision,
+        }
+        # only when set, so that the records (and run ids) of the default schemes stay as they were
+        extra = [part for part in ("lm_head", "embeddings") if part not in self.full_precision]
+        if extra:
+            out["also_quantized"] = extra
+        return out
+
+    @property
+    def is_identity(self) -> bool:
+        return self.weight is None and self.activation is None and self.kv is None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantScheme:
+        """{name, weight|w, activation|a, kv, lm_head, embeddings}: each format a name, a
+        {format: name, **overrides} mapping or null; lm_head / embeddings booleans."""
+        aliases = {"w": "weight", "a": "activation", "weights": "weight", "act": "activation",
+                   "activations": "activation"}
+        keys = ["name", "weight", "activation", "kv", "lm_head", "embeddings"]
+        fields: dict[str, Any] = {}
+        for key, value in data.items():
+            key = aliases.get(key, key)
+            if key not in keys:
+                raise UnknownNameError("scheme key", key, keys)
+            if key in ("lm_head", "embeddings"):
+                if not isinstance(value, bool):
+                    raise InvalidValueError(f"scheme {key}", value, "true or false")
+                fields[key] = value
+            elif key == "name":
+                fields[key] = str(value)
+            else:
+                fields[key] = _format(value, key)
+        fields.setdefault("name", "custom")
+        return cls(**fields)
+
+
+def _format(value: Any, role: str) -> Format | None:
+    if value is None or isinstance(value, Format):
+        return value
+    if isinstance(value, str):
+        return get_format(value)
+    if isinstance(value, dict):
+        spec = dict(value)
+        if "format" not in spec:
+            raise InvalidValueError(f"{role} format", value, "a format name or {format: NAME, field: value}")
+        return get_format(spec.pop("format"), **spec)
+    raise InvalidValueError(f"{role} format", value, "a format name, a {format: ...} mapping, or null")
+
+
+# name -> (weight, activation, kv); KV formats quantize along head_dim (one group per head and token)
+_PRESETS: dict[str, tuple[str | None, str | None, str | None]] = {
+    "w16a16": (None, None, None),
+    "w8a8": ("int8", "int8", None),
+    "w8a8kv8": ("int8", "int8", "int8_asym"),
+    "w4a16": ("int4", None, None),
+    "w4a16_g128": ("int4_g128", None, None),
+    "w4a16_asym_g128": ("int4_asym_g128", None, None),
+    "w3a16_g128": ("int3_g128", None, None),
+    "w4a8": ("int4", "int8", None),
+    "w4a4": ("int4", "int4", None),
+    "w4a4kv4": ("int4", "int4", "int4_asym"),
+    "w6a6": ("int6", "int6", None),
+    "mxfp4": ("mxfp4", "mxfp4", None),
+    "mxfp4_wa": ("mxfp4", "mxfp4", None),
+    "mxfp4_w": ("mxfp4", None, None),
+    "mxfp4_a": (None, "mxfp4", None),
+    "mxfp4_kv": ("mxfp4", "mxfp4", "mxfp4"),
+    "mxfp6": ("mxfp6_e2m3", "mxfp6_e2m3", None),
+    "mxfp8": ("mxfp8_e4m3", "mxfp8_e4m3", None),
+    "mxint8": ("mxint8", "mxint8", None),
+    "mxint4": ("mxint4", "mxint4", None),
+    "nvfp4": ("nvfp4", "nvfp4", None),
+    "nvfp4_w": ("nvfp4", None, None),
+    "nvint4": ("nvint4", "nvint4", None),
+    "fp8": ("fp8_e4m3", "fp8_e4m3", None),
+}
+
+
+def list_schemes() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_scheme(name: str | QuantScheme | dict) -> QuantScheme:
+    if isinstance(name, QuantScheme):
+        return name
+    if isinstance(name, dict):
+        return QuantScheme.from_dict(name)
+    if name not in _PRESETS:
+        raise UnknownNameError("scheme", name, _PRESETS)
+    w, a, kv = _PRESETS[name]
+    return QuantScheme(name, _format(w, "weight"), _format(a, "activation"), _format(kv, "kv"))

@@ -1,0 +1,1 @@
+"""Reports from the results table: claim verdicts, leaderboards, plots, paper reports."""

@@ -1,0 +1,134 @@
+"""A paper's reproduction report: its tables next to ours, and the claims table with verdicts.
+
+Input: the paper spec (the YAML as a dict: `paper`, `title`, `claims`, optional `reported`) and the tidy
+results DataFrame of its runs. Output: `<out_dir>/report.md`, `report.html` and `claims.json`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.report.claims import ClaimResult, ResultLookup, evaluate_claim
+from harness.report.leaderboard import build_leaderboard
+
+VERDICT_MARK = {"reproduced": "✅ reproduced", "not reproduced": "❌ not reproduced",
+                "inconclusive": "➖ inconclusive", "not run": "⏸ not run"}
+
+
+def _ppl_task(df: pd.DataFrame) -> str | None:
+    tasks = df.loc[df["metric"] == "ppl", "task"].dropna().unique() if not df.empty else []
+    return "wikitext2" if "wikitext2" in tasks else (sorted(tasks)[0] if len(tasks) else None)
+
+
+def check_claims(spec: dict[str, Any], df: pd.DataFrame) -> list[ClaimResult]:
+    models = sorted(df["model"].dropna().unique()) if not df.empty else []
+    results = []
+    for claim in spec.get("claims") or []:
+        lookup = ResultLookup(df, default_ppl_task=_ppl_task(df), default_model=claim.get("model") or (models[0] if len(models) == 1 else None))
+        results.append(evaluate_claim(claim["check"], lookup, claim_id=claim.get("id", ""), says=claim.get("says", ""),
+                                      paper=claim.get("paper"), tolerance=float(claim.get("tolerance", 0.0))))
+    return results
+
+
+def _fmt_values(result: ClaimResult) -> str:
+    parts = []
+    for term, est in result.values.items():
+        spread = f" ± {est.std:.3g}" if est.n > 1 else ""
+        parts.append(f"{term} = {est.mean:.4g}{spread}" + (f" (n={est.n})" if est.n > 1 else ""))
+    return "; ".join(parts) or result.detail
+
+
+def _fmt_paper(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt_paper(v)}" for k, v in value.items())
+    return str(value)
+
+
+def claims_table(results: list[ClaimResult]) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"claim": r.id, "says": r.says, "check": f"`{r.check}`", "paper": _fmt_paper(r.paper), "ours": _fmt_values(r),
+         "verdict": VERDICT_MARK.get(r.verdict, r.verdict)}
+        for r in results
+    ])
+
+
+def reported_table(spec: dict[str, Any]) -> pd.DataFrame | None:
+    """The paper's own numbers (`reported:` rows of the spec) as a table."""
+    rows = spec.get("reported") or []
+    return pd.DataFrame(rows) if rows else None
+
+
+def leaderboards(df: pd.DataFrame) -> list:
+    boards = []
+    done = df[df["status"] == "done"] if not df.empty else df
+    for (model, task, metric), _ in done.groupby(["model", "task", "metric"]):
+        if metric in ("ppl", "acc", "kl"):
+            boards.append(build_leaderboard(df, metric, task=task, model=model))
+    return boards
+
+
+def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    cols = [c for c in ("method", "scheme", "task", "seed", "error") if c in df.columns]
+    return df[df["status"] != "done"][cols].drop_duplicates()
+
+
+def _versions(df: pd.DataFrame) -> str:
+    cols = [c for c in df.columns if c.startswith("versions.")]
+    return ", ".join(f"{c.removeprefix('versions.')} {sorted(map(str, df[c].dropna().unique()))[0]}"
+                     for c in sorted(cols) if df[c].notna().any())
+
+
+def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Path, scale: str = "smoke",
+                       plots: list[Path] | None = None) -> Path:
+    """Write report.md, report.html and claims.json; returns the Markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = check_claims(spec, df)
+    boards = leaderboards(df)
+    reported = reported_table(spec)
+    failed = failed_runs(df)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"{spec.get('paper', '?')}: {spec.get('title', '')}".strip()
+
+    md = [f"# Reproduction report — {title}", "",
+          f"Scale `{scale}`, generated {stamp}. Versions: {_versions(df) or 'n/a'}.", ""]
+    if spec.get("notes"):
+        md += [str(spec["notes"]).strip(), ""]
+    md += ["## Claims", "", claims_table(results).to_markdown(index=False, tablefmt="github") if results else "(no claims)", ""]
+    md += ["Verdicts compare means over seeds; a difference inside the seed spread (plus the claim's tolerance) is "
+           "*inconclusive*; a claim whose runs are missing or failed is *not run*. Smoke-scale verdicts come from a "
+           "small model and short evaluations: they test the pipeline and the direction of an effect, not the paper's numbers.", ""]
+    if reported is not None:
+        md += ["## Numbers reported in the paper", "", reported.to_markdown(index=False, tablefmt="github"), ""]
+    md += ["## Our results", ""]
+    md += [b.to_markdown() for b in boards] or ["(no finished runs)"]
+    for plot in plots or []:
+        md += [f"![{plot.stem}]({plot.name})", ""]
+    if not failed.empty:
+        md += ["## Failed runs", "", failed.to_markdown(index=False, tablefmt="github"), ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+
+    body = [f"<h1>Reproduction report — {html.escape(title)}</h1>",
+            f"<p>Scale <code>{scale}</code>, generated {stamp}. Versions: {html.escape(_versions(df) or 'n/a')}.</p>",
+            "<h2>Claims</h2>", claims_table(results).to_html(index=False, border=0) if results else "<p>(no claims)</p>"]
+    if reported is not None:
+        body += ["<h2>Numbers reported in the paper</h2>", reported.to_html(index=False, border=0)]
+    body += ["<h2>Our results</h2>"] + [b.to_html() for b in boards]
+    body += [f"<img src='{p.name}' alt='{p.stem}' style='max-width:48%'>" for p in plots or []]
+    if not failed.empty:
+        body += ["<h2>Failed runs</h2>", failed.to_html(index=False, border=0)]
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                                     f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    (out / "claims.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+    return md_path

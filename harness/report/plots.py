@@ -1,0 +1,125 @@
+"""Plots from the tidy results table (matplotlib, PNG + SVG).
+
+- metric vs bits per method (bits = weight bits per element of the scheme, scale overhead included)
+- per-format bars (one metric, methods side by side for every scheme)
+- accuracy vs calibration cost scatter
+- FP-gap heatmap (method x scheme, metric minus the FP baseline)
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from harness.report.leaderboard import build_leaderboard, method_column
+
+
+def _plt():
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+    for p in paths:
+        fig.savefig(p, bbox_inches="tight", dpi=120)
+    _plt().close(fig)
+    return paths
+
+
+def scheme_bits(scheme: str) -> float | None:
+    """Weight bits per element of a scheme preset (None when unknown or full precision)."""
+    try:
+        from harness.quant import get_scheme
+
+        s = get_scheme(scheme)
+    except Exception:
+        return None
+    fmt = getattr(s, "w", None) or getattr(s, "weight", None)
+    return float(fmt.bits_per_element) if fmt is not None else 16.0
+
+
+def _done(df: pd.DataFrame, metric: str, task: str | None, model: str | None) -> pd.DataFrame:
+    rows = df[(df["status"] == "done") & (df["metric"] == metric)]
+    if task is not None:
+        rows = rows[rows["task"] == task]
+    if model is not None:
+        rows = rows[rows["model"] == model]
+    return rows
+
+
+def metric_vs_bits(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None = None, model: str | None = None,
+                   bits_of: Callable[[str], float | None] = scheme_bits) -> list[Path]:
+    rows = _done(df, metric, task, model)
+    mcol = method_column(df)
+    means = rows.groupby([mcol, "scheme"])["value"].mean().reset_index()
+    means["bits"] = means["scheme"].map(bits_of)
+    means = means.dropna(subset=["bits"])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, group in means.groupby(mcol):
+        group = group.sort_values("bits")
+        ax.plot(group["bits"], group["value"], marker="o", label=method)
+    ax.set_xlabel("weight bits per element (scale overhead included)")
+    ax.set_ylabel(metric)
+    if metric == "ppl":
+        ax.set_yscale("log")
+    ax.set_title(f"{metric} vs bits — {model or ''} {task or ''}".strip())
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"{metric}_vs_bits")
+
+
+def format_bars(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None = None, model: str | None = None) -> list[Path]:
+    board = build_leaderboard(df, metric, task=task, model=model, baseline=None)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, len(board.mean.columns) * 1.2), 4))
+    board.mean.T.plot.bar(ax=ax, yerr=board.std.T.fillna(0), logy=metric == "ppl", rot=30)
+    ax.set_ylabel(metric)
+    ax.set_xlabel("scheme")
+    ax.set_title(board.title)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"{metric}_by_format")
+
+
+def cost_scatter(df: pd.DataFrame, metric: str, out_dir: Path, cost_metric: str = "calib_seconds",
+                 task: str | None = None, model: str | None = None) -> list[Path]:
+    mcol = method_column(df)
+    quality = _done(df, metric, task, model).groupby([mcol, "scheme"])["value"].mean()
+    cost = df[(df["status"] == "done") & (df["metric"] == cost_metric)].groupby([mcol, "scheme"])["value"].mean()
+    joined = pd.concat({"quality": quality, "cost": cost}, axis=1).dropna().reset_index()
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, group in joined.groupby(mcol):
+        ax.scatter(group["cost"], group["quality"], label=method)
+    ax.set_xlabel(cost_metric)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs calibration cost")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"{metric}_vs_{cost_metric}")
+
+
+def fp_gap_heatmap(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None = None, model: str | None = None,
+                   baseline: tuple[str, str] = ("fp", "w16a16")) -> list[Path]:
+    board = build_leaderboard(df, metric, task=task, model=model, baseline=baseline)
+    gap = board.mean - (board.baseline if board.baseline is not None else 0.0)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, gap.shape[1] * 1.1), max(3, gap.shape[0] * 0.5)))
+    image = ax.imshow(gap.to_numpy(dtype=float), cmap="viridis_r" if board.lower_is_better else "viridis", aspect="auto")
+    ax.set_xticks(range(gap.shape[1]), gap.columns, rotation=30, ha="right")
+    ax.set_yticks(range(gap.shape[0]), gap.index)
+    for i in range(gap.shape[0]):
+        for j in range(gap.shape[1]):
+            v = gap.iat[i, j]
+            if pd.notna(v):
+                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(image, ax=ax, label=f"{metric} − FP")
+    ax.set_title(f"gap to FP — {board.title}")
+    return _save(fig, out_dir, f"{metric}_fp_gap")

@@ -1,0 +1,52 @@
+"""`ptqbench reproduce PAPER`: run a paper's spec at a scale, then write its report.
+
+The spec is `experiments/papers/<paper>.yaml`; the report goes to `results/papers/<paper>/`
+(report.md, report.html, claims.json and plots), built only from the runs of that spec and scale.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.errors import UnknownNameError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def papers_dir() -> Path:
+    for candidate in (Path.cwd() / "experiments" / "papers", REPO_ROOT / "experiments" / "papers"):
+        if candidate.is_dir():
+            return candidate
+    return REPO_ROOT / "experiments" / "papers"
+
+
+def list_papers() -> list[str]:
+    return sorted(p.stem for p in papers_dir().glob("*.yaml"))
+
+
+def paper_spec_path(paper: str) -> Path:
+    path = papers_dir() / f"{paper}.yaml"
+    if not path.is_file():
+        raise UnknownNameError("paper", paper, list_papers())
+    return path
+
+
+def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | None = None) -> Path:
+    """Report of the runs of these cells (claims, leaderboards, plots) under results/papers/<paper>/."""
+    from harness.report import plots
+    from harness.report.paper import write_paper_report
+    from harness.store import load_results
+
+    paper = spec.file.paper or spec.name
+    out = Path(out_dir) if out_dir else store.root / "papers" / paper
+    run_ids = {rid for c in cells for rid in c.run_ids.values()}
+    df = load_results(store.root)
+    df = df[df["run_id"].isin(run_ids)] if not df.empty else df
+    images = []
+    if not df.empty and (df["metric"] == "ppl").any():
+        task = "wikitext2" if (df["task"] == "wikitext2").any() else None
+        for make in (plots.format_bars, plots.fp_gap_heatmap):
+            try:
+                images += [p for p in make(df, "ppl", out, task=task) if p.suffix == ".png"]
+            except Exception:  # noqa: BLE001 - a plot never blocks the report
+                pass
+    return write_paper_report(spec.data, df, out, scale=scale or "default", plots=images)

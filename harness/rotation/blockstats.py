@@ -1,0 +1,148 @@
+"""Block statistics and the closed-form transforms of TORQ-style two-level rotations.
+
+Stage 1, inter-block variance equalisation. By the Schur–Horn theorem the diagonals reachable as
+diag(Qᵀ Σ Q) over orthogonal Q are exactly the vectors majorised by the eigenvalues of Σ, so equal
+per-block energies (a vector majorised by any diagonal of Σ) are always reachable. We construct such a
+Q in the spirit of the constructive proofs (Chan & Li): a balancing permutation (largest channels dealt
+to the emptiest blocks), then at most B-1 block-pair Givens rotations, each of which mixes slot j of a
+block above the mean energy with slot j of a block below it by one angle chosen, with the exact
+cross-covariance, to set one of the two blocks exactly to the mean. The result keeps each element
+inside a 32-slot structure and equalises block energies exactly (up to float rounding).
+
+Stage 2, intra-block rotation: one R in O(k) shared by every block, chosen among closed-form
+candidates (identity, Hadamard, sign-randomised Hadamards, KLT of the pooled in-block covariance
+followed by a Hadamard) to maximise the entropy of the E2M1 code histogram of the MXFP4-quantized
+rotated calibration activations.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.formats import Format, compute_params, get_format
+
+
+def block_energies(cov: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block energy sum_{i in b} Σ_ii for a [d, d] second-moment matrix."""
+    return torch.diagonal(cov).reshape(-1, block).sum(-1)
+
+
+def coefficient_of_variation(values: torch.Tensor) -> float:
+    values = values.double()
+    return float(values.std(unbiased=False) / values.mean()) if values.mean() != 0 else 0.0
+
+
+def balancing_permutation(energies: torch.Tensor, block: int) -> torch.Tensor:
+    """Channel order that deals channels, largest first, to the block with the least energy so far
+    (each block holds `block` channels). Returns perm with new channel i = old channel perm[i]."""
+    d = energies.numel()
+    n_blocks = d // block
+    order = torch.argsort(energies.double(), descending=True).tolist()
+    loads = [0.0] * n_blocks
+    slots: list[list[int]] = [[] for _ in range(n_blocks)]
+    for ch in order:
+        b = min((i for i in range(n_blocks) if len(slots[i]) < block), key=lambda i: loads[i])
+        slots[b].append(ch)
+        loads[b] += float(energies[ch])
+    return torch.tensor([ch for s in slots for ch in s], dtype=torch.long)
+
+
+def permutation_matrix(perm: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """P with x P = x[..., perm] (an orthogonal matrix)."""
+    d = perm.numel()
+    p = torch.zeros(d, d, dtype=dtype)
+    p[perm, torch.arange(d)] = 1.0
+    return p
+
+
+def _rotate_pair(m: torch.Tensor, ia: slice, ib: slice, c: float, s: float) -> None:
+    """In place, columns only: m <- m g for the block-pair rotation g (new_a = c a - s b, new_b = s a + c b)."""
+    a, b = m[:, ia].clone(), m[:, ib].clone()
+    m[:, ia] = c * a - s * b
+    m[:, ib] = s * a + c * b
+
+
+def equalize_blocks(cov: torch.Tensor, block: int, max_steps: int | None = None) -> torch.Tensor:
+    """Orthogonal Q (d x d, fp64) with equal per-block energies of Qᵀ Σ Q (see module docstring)."""
+    cov = cov.double()
+    d = cov.shape[0]
+    n_blocks = d // block
+    perm = balancing_permutation(torch.diagonal(cov), block)
+    q = permutation_matrix(perm)
+    sigma = cov[perm][:, perm].clone()  # = Pᵀ Σ P
+    target = float(torch.trace(sigma)) / n_blocks
+    done: set[int] = set()
+    for _ in range(max_steps or n_blocks - 1):
+        energy = block_energies(sigma, block)
+        free = [i for i in range(n_blocks) if i not in done]
+        if len(free) < 2:
+            break
+        above = max(free, key=lambda i: float(energy[i]))
+        below = min(free, key=lambda i: float(energy[i]))
+        ea, eb = float(energy[above]), float(energy[below])
+        if ea - eb <= 1e-12 * max(abs(target), 1e-30):
+            break
+        sa = slice(above * block, (above + 1) * block)
+        sb = slice(below * block, (below + 1) * block)
+        cross = float(torch.diagonal(sigma[sa, sb]).sum())  # sum_j E[x_aj x_bj]
+        # new_b = s x_a + c x_b has energy (ea+eb)/2 + (eb-ea)/2 cos(2t) + cross sin(2t); set it to target
+        big_a, big_b = (eb - ea) / 2, cross
+        radius = math.hypot(big_a, big_b)
+        rhs = target - (ea + eb) / 2
+        phi = math.atan2(big_b, big_a) + math.acos(max(-1.0, min(1.0, rhs / radius)))
+        c, s = math.cos(phi / 2), math.sin(phi / 2)
+        _rotate_pair(q, sa, sb, c, s)  # Q <- Q g
+        _rotate_pair(sigma, sa, sb, c, s)  # Σ <- gᵀ Σ g: columns, then rows
+        _rotate_pair(sigma.T, sa, sb, c, s)
+        done.add(below)
+    return q
+
+
+def e2m1_code_entropy(x: torch.Tensor, fmt: Format | str = "mxfp4") -> float:
+    """Entropy (bits) of the histogram of E2M1 codes (|code| with sign, ±0 merged: 15 values) of
+    x quantized to an E2M1 block format along the last dim (max log2(15) = 3.91 bits)."""
+    fmt = get_format(fmt)
+    groups = x.float().reshape(-1, fmt.group_size)
+    params = compute_params(groups, fmt, tensor_amax=groups.abs().amax())
+    scaled = groups * params.inv_scale if params.inv_scale is not None else groups / params.scale
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    from harness.formats import round_to_float_element
+
+    codes = round_to_float_element(scaled, fmt.element)
+    index = torch.bucketize(codes.abs(), grid) * torch.sign(codes).to(torch.long)
+    counts = torch.bincount((index + 7).flatten(), minlength=15).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * torch.log2(p)).sum())
+
+
+def intra_block_candidates(pooled_cov: torch.Tensor, hadamard_k: torch.Tensor, seeds: int = 8) -> dict[str, torch.Tensor]:
+    """Closed-form k x k rotations to choose from (all orthogonal, fp64)."""
+    k = hadamard_k.shape[0]
+    out = {"identity": torch.eye(k, dtype=torch.float64), "hadamard": hadamard_k.double()}
+    for s in range(seeds):
+        g = torch.Generator().manual_seed(1000 + s)
+        signs = torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0).double()
+        out[f"rand_hadamard_{s}"] = signs[:, None] * hadamard_k.double()  # diag(±1) H
+    _, eigvecs = torch.linalg.eigh(pooled_cov.double())
+    out["klt_hadamard"] = eigvecs.flip(-1) @ hadamard_k.double()
+    return out
+
+
+def pooled_block_covariance(cov: torch.Tensor, block: int) -> torch.Tensor:
+    """Average of the k x k diagonal blocks of Σ (the in-block covariance shared by all blocks)."""
+    d = cov.shape[0]
+    blocks = cov.double().reshape(d // block, block, d // block, block)
+    return torch.stack([blocks[i, :, i, :] for i in range(d // block)]).mean(0)
+
+
+def choose_intra_block(samples: torch.Tensor, candidates: dict[str, torch.Tensor], block: int,
+                       fmt: Format | str = "mxfp4") -> tuple[str, dict[str, float]]:
+    """The candidate whose block-diagonal rotation maximises the E2M1 code entropy of `samples`."""
+    n, d = samples.shape
+    entropies = {}
+    for name, r in candidates.items():
+        rotated = (samples.double().reshape(n, d // block, block) @ r).reshape(n, d)
+        entropies[name] = e2m1_code_entropy(rotated, fmt)
+    best = max(entropies, key=entropies.get)
+    return best, entropies

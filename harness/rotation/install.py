@@ -1,0 +1,177 @@
+"""Fuse a set of rotations into a model (QuaRot-style computational invariance) through its adapter.
+
+Sites (QuaRot's names):
+- R1 `residual` [d, d]: RMSNorm scales folded into the linears they feed (and lm_head), embeddings
+  untied; embeddings, every residual reader (q, k, v, gate, up, router, experts' gate_up) get W Q, every
+  writer (o, down, experts' down) gets Qᵀ W; offline, zero run-time cost.
+- R2 `head` [hd, hd]: per head, v_proj output and o_proj input; offline. `heads` (one per layer, overrides
+  `head`): [hd, hd] for every head of that layer, or [kv_heads, hd, hd], one per KV head, shared by the
+  query heads of its GQA group (learned R2 of SpinQuant / DartQuant).
+- R3 `qk` [hd, hd]: online on Q and K after RoPE (cancels in Q Kᵀ; only the quantized K sees it).
+- R4 `down`: online before down_proj (and every expert's down), inverse fused into its weight.
+With every quantizer off the rotated model computes the same function (see `equivalence_error`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.quant import QuantExperts, install_kv_quant, wrap_linear
+from harness.rotation.fuse import (
+    OnlineTransform,
+    fold_norm,
+    rotate_embedding,
+    rotate_heads_input,
+    rotate_heads_value,
+    rotate_input,
+    rotate_output,
+)
+from harness.transforms import apply_block_rotation, hadamard, hadamard_transform
+
+
+@dataclass
+class Rotations:
+    """Which rotation goes where. `down_kind`: "hadamard" (fast transform of size d_ff), "block" (one
+    block matrix repeated along d_ff), or "dense" (one matrix per layer in `down`)."""
+
+    residual: torch.Tensor | None = None
+    head: torch.Tensor | None = None
+    qk: torch.Tensor | None = None
+    down_kind: str | None = None
+    down: list[torch.Tensor] = field(default_factory=list)
+    down_block: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    heads: list[torch.Tensor] = field(default_factory=list)  # per-layer R2, see the module docstring
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"rot.{k}": v for k, v in (("residual", self.residual), ("head", self.head), ("qk", self.qk),
+                                            ("down_block", self.down_block)) if v is not None}
+        out.update({f"rot.down.{i}": m for i, m in enumerate(self.down)})
+        out.update({f"rot.heads.{i}": m for i, m in enumerate(self.heads)})
+        return {k: v.detach().to(torch.float64).contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], down_kind: str | None, info: dict | None = None) -> Rotations:
+        down = [tensors[f"rot.down.{i}"] for i in range(len([k for k in tensors if k.startswith("rot.down.")]))]
+        heads = [tensors[f"rot.heads.{i}"] for i in range(len([k for k in tensors if k.startswith("rot.heads.")]))]
+        return cls(tensors.get("rot.residual"), tensors.get("rot.head"), tensors.get("rot.qk"), down_kind, down,
+                   tensors.get("rot.down_block"), dict(info or {}), heads)
+
+    def head_of(self, index: int) -> torch.Tensor | None:
+        """R2 of layer `index`: its own from `heads` when given, else the shared `head`."""
+        return self.heads[index] if self.heads else self.head
+
+
+def fold_norms(adapter) -> None:
+    """RMSNorm scales into the following linears (the residual stream becomes rotation-invariant)."""
+    adapter.untie_embeddings()
+    for layer in adapter.layers():
+        fold_norm(layer.attn_norm.weight, [layer.q.weight, layer.k.weight, layer.v.weight])
+        readers = [lin.weight for lin in layer.mlp_in] + [m.weight for m in layer.router_linears]
+        if layer.experts is not None:
+            readers.append(layer.experts.gate_up)
+        fold_norm(layer.mlp_norm.weight, readers)
+    fold_norm(adapter.final_norm.weight, [adapter.lm_head.weight])
+
+
+def rotate_residual(adapter, q: torch.Tensor) -> None:
+    rotate_embedding(adapter.embed.weight, q)
+    for layer in adapter.layers():
+        for lin in layer.residual_readers:
+            rotate_input(lin.weight, q)
+        for module in layer.router_linears:
+            rotate_input(module.weight, q)
+        for lin in layer.residual_writers:
+            rotate_output(lin.weight, q, lin.bias)
+        if layer.experts is not None:
+            rotate_input(layer.experts.gate_up, q)
+            rotate_output(layer.experts.down, q)
+    rotate_input(adapter.lm_head.weight, q)
+
+
+def rotate_heads(layer, r: torch.Tensor, adapter) -> None:
+    """R2 on one layer: v_proj output and o_proj input per head. `r` [hd, hd] for every head, or
+    [kv_heads, hd, hd]: KV head j's values get r[j], and so does the o_proj input of every query head
+    that attends with KV head j (query head h uses KV head h // groups), so the product stays exact."""
+    hd = adapter.head_dim
+    if r.dim() == 2:
+        rotate_heads_value(layer.v.weight, r, hd, layer.v.bias)
+        rotate_heads_input(layer.o.weight, r, hd)
+        return
+    geometry = adapter.attention
+    if r.shape[0] != geometry.num_kv_heads:
+        from harness.errors import InvalidValueError
+
+        raise InvalidValueError("number of per-KV-head R2 matrices", r.shape[0],
+                                f"{geometry.num_kv_heads} (the model's KV heads)")
+    bias = layer.v.bias
+    for j in range(geometry.num_kv_heads):
+        rows = slice(j * hd, (j + 1) * hd)
+        rotate_heads_value(layer.v.weight[rows], r[j], hd, None if bias is None else bias[rows])
+    for h in range(geometry.num_heads):
+        rotate_heads_input(layer.o.weight[:, h * hd:(h + 1) * hd], r[h // geometry.kv_groups], hd)
+
+
+def online_fn(kind: str, matrix: torch.Tensor | None = None):
+    """x -> x M for an online site, without dense matrices where the structure allows."""
+    if kind == "hadamard":
+        return hadamard_transform
+    if kind == "block":
+        block = matrix.to(torch.float32)
+        return lambda x: apply_block_rotation(x, block)
+    dense = matrix.to(torch.float32)
+    return lambda x: x @ dense.to(x.device)
+
+
+def _down_matrix(rot: Rotations, index: int, size: int) -> tuple[torch.Tensor, Any]:
+    """(dense matrix for the offline weight fusion, online function) of layer `index`'s R4."""
+    if rot.down_kind == "hadamard":
+        return hadamard(size), online_fn("hadamard")
+    if rot.down_kind == "block":
+        from harness.transforms import block_diagonal
+
+        b = rot.down_block.shape[0]
+        return block_diagonal(rot.down_block.double(), size // b), online_fn("block", rot.down_block)
+    matrix = rot.down[index]
+    return matrix, online_fn("dense", matrix)
+
+
+def install_rotations(model, adapter, rot: Rotations) -> None:
+    """Fold norms and fuse/install every rotation in `rot` (in place)."""
+    fold_norms(adapter)
+    if rot.residual is not None:
+        rotate_residual(adapter, rot.residual)
+    attn_modules = []
+    for layer in adapter.layers():
+        head = rot.head_of(layer.index)
+        if head is not None:
+            rotate_heads(layer, head, adapter)
+        if rot.down_kind is not None:
+            mlp = layer.module.mlp
+            dense = mlp if layer.experts is None else getattr(mlp, "shared_expert", None)
+            if dense is not None:
+                down = wrap_linear(dense, "down_proj")
+                matrix, fn = _down_matrix(rot, layer.index, down.in_features)
+                rotate_input(down.linear.weight, matrix)
+                down.input_transform = OnlineTransform(apply_fn=fn, name=f"R4 {rot.down_kind}")
+            if layer.experts is not None:
+                experts = layer.experts.module
+                if not isinstance(experts, QuantExperts):
+                    experts = QuantExperts(experts)
+                    layer.experts.parent.experts = experts
+                matrix, fn = _down_matrix(rot, layer.index, experts.down_proj.shape[-1])
+                rotate_input(experts.down_proj, matrix)
+                experts.down_transform = OnlineTransform(apply_fn=fn, name=f"R4 {rot.down_kind}")
+        attn_modules.append(layer.attn)
+    if rot.qk is not None:
+        qk = rot.qk.to(torch.float32)
+        install_kv_quant(model, attn_modules, None, OnlineTransform(apply_fn=lambda x: x @ qk.to(x.device), name="R3"))
+
+
+@torch.no_grad()
+def equivalence_error(reference_logits: torch.Tensor, model, input_ids: torch.Tensor) -> float:
+    """Max |Δlogit| / max |logit| of a transformed model against the original's logits."""
+    out = model(input_ids).logits.float()
+    return float((out - reference_logits.float()).abs().max() / reference_logits.float().abs().max())

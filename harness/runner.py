@@ -1,0 +1,538 @@
+"""Run cells: load the model, calibrate (or load the cached state), apply once, evaluate every task.
+
+Each (cell, task) gives one record. Anything that goes wrong (an exception, non-finite logits, a
+diverged perplexity) becomes a failed record with a one-line reason, and the matrix goes on.
+Executors decide where cells run: `local` runs them one after another in this process; another
+executor (e.g. Ray) registers itself with `@register_executor("ray")` and yields the same records.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import random
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import progress
+from harness.errors import PtqbenchError, UnknownNameError
+from harness.method import CalibConfig, CalibContext, Method, State
+from harness.spec import Cell, TaskSpec, library_versions
+from harness.store import DONE, FAILED, Store
+
+#: A perplexity above this (or NaN/Inf) marks the run as diverged: failed, with the value in the reason.
+DIVERGED_PPL = 1e4
+SANITY_TEXT = "The quick brown fox jumps over the lazy dog. Quantization should not break a language model."
+
+
+class RunFailure(PtqbenchError):
+    """A run that produced no usable number (non-finite logits, diverged perplexity)."""
+
+
+def one_line_error(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text[:1000]
+
+
+def set_seed(seed: int | None) -> None:
+    seed = 0 if seed is None else int(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+
+class PeakMemory:
+    """Peak CPU RSS (sampled by a thread) and peak CUDA memory while the block runs."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_gpu = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while True:
+            self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+            if self._stop.wait(self.interval):
+                break
+
+    def __enter__(self) -> "PeakMemory":
+        import psutil
+
+        self.start_rss = psutil.Process().memory_info().rss
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak_gpu = torch.cuda.max_memory_allocated()
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}_peak_mb": round(self.peak_rss / 2**20, 1),  # CPU resident set size
+               # what this phase added on top of the process (model, data) it started from
+               f"{prefix}_extra_mb": round(max(self.peak_rss - self.start_rss, 0) / 2**20, 1)}
+        if torch.cuda.is_available():
+            out[f"{prefix}_peak_gpu_mb"] = round(self.peak_gpu / 2**20, 1)
+        return out
+
+
+def process_peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluators: kind -> fn(model, tokenizer, tasks, cell, refs) -> {task name: result}
+
+
+def _eval_ppl(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict) -> dict[str, Any]:
+    from harness.eval import perplexity
+
+    return {t.name: perplexity(model, tokenizer, t.name, seqlen=t.settings["seqlen"],
+                               max_windows=t.settings["max_windows"], batch_size=t.settings.get("batch_size", 1),
+                               progress=progress.enabled())
+            for t in tasks}
+
+
+def _eval_lm(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict) -> dict[str, Any]:
+    from harness.eval import lm_eval_tasks
+
+    s = tasks[0].settings  # tasks arrive grouped by identical settings
+    return lm_eval_tasks(model, tokenizer, [t.name for t in tasks], limit=s["limit"],
+                         num_fewshot=s["num_fewshot"], batch_size=s["batch_size"], seed=cell.seed or 0)
+
+
+def _eval_kl(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict) -> dict[str, Any]:
+    from harness.eval import kl_to_reference
+
+    return {t.name: kl_to_reference(model, refs[t.name]) for t in tasks}
+
+
+def _collect_kl_reference(model, tokenizer, task: TaskSpec) -> Any:
+    from harness.eval import collect_reference
+
+    s = task.settings
+    return collect_reference(model, tokenizer, s["dataset"], seqlen=s["seqlen"], max_windows=s["max_windows"],
+                             topk=s["topk"])
+
+
+EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _eval_ppl, "lm_eval": _eval_lm, "kl": _eval_kl}
+REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _result_fields(result: Any) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+    """(metrics, protocol, info) from an EvalResult-like object or a plain dict of numbers.
+
+    The main value and every numeric `extra` become metrics; other extras go to `info`.
+    """
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if _is_number(v)}, {}, {}
+    metrics = {str(result.metric): result.value}
+    protocol = dict(getattr(result, "protocol", None) or {})
+    info = {}
+    for k, v in (getattr(result, "extra", None) or {}).items():
+        if _is_number(v):
+            metrics[str(k)] = v
+        else:
+            info[str(k)] = v
+    return metrics, protocol, info
+
+
+def check_result(task: TaskSpec, metrics: dict[str, float]) -> None:
+    """Raise RunFailure for a number that cannot be used (NaN/Inf anywhere, a diverged perplexity)."""
+    for name, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunFailure(f"non-finite {name}={value} on {task.name}")
+    ppl = metrics.get("ppl", metrics.get("perplexity"))
+    if ppl is not None and ppl > DIVERGED_PPL:
+        raise RunFailure(f"diverged: ppl={ppl:.4g} on {task.name} exceeds {DIVERGED_PPL:g}")
+
+
+def sanity_forward(model: torch.nn.Module, tokenizer: Any, device: str) -> None:
+    """One short forward pass: a model that already gives NaN/Inf logits fails before the evaluation."""
+    if tokenizer is None:
+        return
+    ids = tokenizer(SANITY_TEXT, return_tensors="pt")["input_ids"][:, :64].to(device)
+    with torch.no_grad():
+        logits = model(ids).logits
+    bad = (~torch.isfinite(logits)).sum().item()
+    if bad:
+        raise RunFailure(f"non-finite logits after apply ({bad} of {logits.numel()} values are NaN/Inf)")
+
+
+# ----------------------------------------------------------------------------------------------
+# one cell
+
+
+def _default_loader(cell: Cell):
+    from harness.models import load_model
+
+    return load_model(cell.model, revision=cell.revision, dtype=getattr(torch, cell.dtype), device=cell.device)
+
+
+def base_record(cell: Cell, task: TaskSpec) -> dict[str, Any]:
+    from harness.spec import versions_for
+
+    return {
+        "run_id": cell.run_ids[task.name], "spec": cell.spec_name, "scale": cell.scale,
+        "model": cell.model, "revision": cell.revision, "model_source": cell.model_source,
+        "method": cell.method, "method_label": cell.method_label, "method_params": cell.method_params,
+        "method_version": cell.method_version, "scheme": cell.scheme_name, "scheme_config": cell.scheme_config,
+        "calib": cell.calib, "calib_key": cell.calib_key, "seed": cell.seed, "dtype": cell.dtype,
+        "device": cell.device, "task": task.name, "task_kind": task.kind, "protocol": dict(task.protocol),
+        "versions": versions_for(task.kind), "host": platform.node(),
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class _CellState:
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _calibrate(method: Method, ctx: CalibContext, cell: Cell, store: Store, out: _CellState) -> State:
+    if not method.needs_calibration:
+        return method.calibrate(ctx)
+    if store.has_calib(cell.calib_key):
+        state = store.load_calib(cell.calib_key, device="cpu")
+        info = state.meta.get("_ptqbench", {})
+        out.metrics.update(info.get("metrics", {}))
+        out.metrics["calib_cached"] = 1.0
+        out.timings["calib_load_s"] = 0.0
+        return state
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        state = method.calibrate(ctx)
+    elapsed = time.perf_counter() - t0
+    if not isinstance(state, State):
+        raise PtqbenchError(f"method {method.name!r}: calibrate must return a State, got {type(state).__name__}")
+    calib_metrics = {"calib_seconds": round(elapsed, 3), **mem.metrics("calib")}
+    if isinstance(state.meta.get("steps"), (int, float)):  # optimizer steps / grid points, as the method counts
+        calib_metrics["calib_steps"] = float(state.meta["steps"])
+    state.meta["_ptqbench"] = {"metrics": calib_metrics, "cell": cell.describe(), "created_at": _now()}
+    store.save_calib(cell.calib_key, state)
+    out.metrics.update(calib_metrics)
+    out.metrics["calib_cached"] = 0.0
+    return state
+
+
+def _group_tasks(tasks: list[TaskSpec]) -> list[list[TaskSpec]]:
+    """lm-eval tasks with identical settings are evaluated in one call; everything else one by one."""
+    groups: dict[Any, list[TaskSpec]] = {}
+    order = []
+    for t in tasks:
+        key = ("lm_eval", tuple(sorted(t.settings.items()))) if t.kind == "lm_eval" else ("one", t.name)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(t)
+    return [groups[k] for k in order]
+
+
+def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
+             model_loader: Callable[[Cell], tuple] | None = None,
+             evaluators: dict[str, Callable[..., dict[str, Any]]] | None = None) -> Iterator[dict[str, Any]]:
+    """Run every task of one cell; yields one record (done or failed) per task, as soon as it exists."""
+    from harness.registry import get_method
+
+    store = store if isinstance(store, Store) else Store(store)
+    evaluators = {**EVALUATORS, **(evaluators or {})}
+    loader = model_loader or _default_loader
+    state = _CellState()
+    stage = "load"
+    failure: BaseException | None = None
+    model = tokenizer = ctx = method = None
+    refs: dict[str, Any] = {}
+    ref_errors: dict[str, BaseException] = {}
+    try:
+        set_seed(cell.seed)
+        t0 = time.perf_counter()
+        model, tokenizer, adapter = loader(cell)
+        if hasattr(model, "eval"):
+            model.eval()
+        state.timings["load_s"] = round(time.perf_counter() - t0, 3)
+
+        # FP references (for KL) come from the model before calibration; a failure here fails
+        # only the tasks that need the reference.
+        for task in cell.tasks:
+            if task.kind in REFERENCE_COLLECTORS:
+                try:
+                    refs[task.name] = REFERENCE_COLLECTORS[task.kind](model, tokenizer, task)
+                except Exception as exc:  # noqa: BLE001
+                    ref_errors[task.name] = exc
+
+        stage = "calibrate"
+        method = get_method(cell.method)(cell.method_params)
+        ctx = CalibContext(model=model, tokenizer=tokenizer, adapter=adapter, scheme=cell.scheme,
+                           calib=CalibConfig(**cell.calib) if cell.calib else CalibConfig(), seed=cell.seed or 0,
+                           device=cell.device, progress=progress.track)
+        set_seed(cell.seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            calib_state = _calibrate(method, ctx, cell, store, state)
+        state.timings["calibrate_s"] = round(time.perf_counter() - t0, 3)
+
+        stage = "apply"
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model = method.apply(model, adapter, calib_state, cell.scheme)
+            if hasattr(model, "eval"):
+                model.eval()
+            ctx.model = model
+            sanity_forward(model, tokenizer, cell.device)
+        state.timings["apply_s"] = round(time.perf_counter() - t0, 3)
+
+        stage = "method metrics"
+        state.metrics.update({f"method.{k}": v for k, v in (method.metrics(model, ctx) or {}).items()})
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a record
+        failure = exc
+
+    if failure is not None:
+        for task in cell.tasks:
+            yield {**base_record(cell, task), "status": FAILED, "error": f"[{stage}] {one_line_error(failure)}",
+                   "main_metric": None,
+                   "metrics": dict(state.metrics), "timings": dict(state.timings), "created_at": _now()}
+        _release(model)
+        return
+
+    for task in cell.tasks:
+        if task.name in ref_errors:
+            yield {**base_record(cell, task), "status": FAILED, "main_metric": None,
+                   "error": f"[reference] {one_line_error(ref_errors[task.name])}",
+                   "metrics": dict(state.metrics), "timings": dict(state.timings), "created_at": _now()}
+    for group in _group_tasks([t for t in cell.tasks if t.name not in ref_errors]):
+        t0 = time.perf_counter()
+        results: dict[str, Any] = {}
+        error: BaseException | None = None
+        try:
+            set_seed(cell.seed)
+            with torch.no_grad():
+                results = evaluators[group[0].kind](model, tokenizer, group, cell, refs)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        eval_s = round((time.perf_counter() - t0) / len(group), 3)
+        for task in group:
+            record = {**base_record(cell, task), "timings": {**state.timings, "eval_s": eval_s}, "created_at": _now(),
+                      "main_metric": None}
+            metrics = dict(state.metrics)
+            task_error = error
+            if task_error is None:
+                try:
+                    if task.name not in results:
+                        raise RunFailure(f"evaluator returned no result for {task.name}")
+                    task_metrics, protocol, info = _result_fields(results[task.name])
+                    record["protocol"].update(protocol)
+                    if info:
+                        record["info"] = info
+                    check_result(task, task_metrics)
+                    metrics.update(task_metrics)
+                    record["main_metric"] = getattr(results[task.name], "metric", None) or next(iter(task_metrics), None)
+                except Exception as exc:  # noqa: BLE001
+                    task_error = exc
+                    if task.name in results:
+                        metrics.update(_result_fields(results[task.name])[0])
+            record["timings"]["process_peak_rss_mb"] = process_peak_rss_mb()
+            record.update(metrics=metrics, status=FAILED if task_error else DONE,
+                          error=f"[eval] {one_line_error(task_error)}" if task_error else None)
+            yield record
+    _release(model)
+
+
+def _release(model: Any) -> None:
+    # A full collection frees the model's reference cycles before the next cell loads; it costs
+    # ~0.2 s, which only matters (and is skipped) for the tiny test models.
+    big = sum(p.numel() for p in model.parameters()) > 10_000_000 if isinstance(model, torch.nn.Module) else True
+    del model
+    if big:
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# executors
+
+
+class Executor:
+    """Runs cells somewhere and yields their records as they finish (the driver writes them)."""
+
+    name = "base"
+
+    def run(self, cells: list[Cell], store_root: Path) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+EXECUTORS: dict[str, type[Executor]] = {}
+
+
+def register_executor(name: str):
+    def decorator(cls: type[Executor]) -> type[Executor]:
+        cls.name = name
+        EXECUTORS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_executors() -> list[str]:
+    _load_external_executors()
+    return sorted(EXECUTORS)
+
+
+def _load_external_executors() -> None:
+    # A scheduler module (e.g. the Ray executor) registers itself on import, if present.
+    try:
+        import harness.scheduler  # noqa: F401
+    except ImportError:
+        pass
+
+
+def get_executor(name: str, **kwargs) -> Executor:
+    _load_external_executors()
+    if name not in EXECUTORS:
+        raise UnknownNameError("executor", name, EXECUTORS)
+    return EXECUTORS[name](**kwargs)
+
+
+class ReusingLoader:
+    """Loads each model once and hands every cell a deep copy of the pristine model.
+
+    Loading (e.g. de-quantizing a GGUF file) can cost more than a smoke cell's evaluation. Only the
+    last model is kept, and only when it is smaller than `max_mb` (default $PTQBENCH_MODEL_CACHE_MB
+    or 4096): big models are loaded fresh for every cell instead of being held twice in memory.
+    """
+
+    def __init__(self, loader: Callable[[Cell], tuple] | None = None, max_mb: float | None = None):
+        self.loader = loader
+        self.max_mb = float(os.environ.get("PTQBENCH_MODEL_CACHE_MB", 4096)) if max_mb is None else max_mb
+        self._key: tuple | None = None
+        self._pristine: tuple | None = None
+
+    def __call__(self, cell: Cell) -> tuple:
+        import copy
+
+        key = (cell.model, cell.revision, cell.dtype, cell.device)
+        if self._key == key and self._pristine is not None:
+            model, tokenizer, adapter = self._pristine
+            model_copy, adapter_copy = copy.deepcopy((model, adapter))  # one memo: adapter refs stay consistent
+            return model_copy, tokenizer, adapter_copy
+        self._key = self._pristine = None
+        model, tokenizer, adapter = (self.loader or _default_loader)(cell)
+        size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 \
+            if isinstance(model, torch.nn.Module) else float("inf")
+        if size_mb <= self.max_mb:
+            self._key = key
+            self._pristine = (model, tokenizer, adapter)
+            model, adapter = copy.deepcopy((model, adapter))
+        return model, tokenizer, adapter
+
+
+@register_executor("local")
+class LocalExecutor(Executor):
+    """In this process, one cell after another (tests, debugging, a single machine)."""
+
+    def __init__(self, model_loader: Callable | None = None, evaluators: dict | None = None,
+                 reuse_models: bool = True):
+        self.model_loader, self.evaluators, self.reuse_models = model_loader, evaluators, reuse_models
+
+    def run(self, cells: list[Cell], store_root: Path) -> Iterator[dict[str, Any]]:
+        store = Store(store_root)
+        loader = ReusingLoader(self.model_loader) if self.reuse_models else self.model_loader
+        for cell in cells:
+            yield from run_cell(cell, store, model_loader=loader, evaluators=self.evaluators)
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def plan(cells: Iterable[Cell], store: Store, retry_failed: bool = True) -> tuple[list[Cell], int]:
+    """Cells reduced to their tasks that still need running; and how many runs were skipped.
+
+    Done runs are always skipped. Failed runs are retried by default (a failure can be transient: out
+    of memory, a killed worker); `retry_failed=False` skips them too.
+    """
+    todo, skipped = [], 0
+    for cell in cells:
+        keep = set()
+        for task in cell.tasks:
+            status = store.status(cell.run_ids[task.name])
+            if status == DONE or (status == FAILED and not retry_failed):
+                skipped += 1
+            else:
+                keep.add(task.name)
+        if keep:
+            todo.append(cell.with_tasks(keep))
+    return todo, skipped
+
+
+def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Executor = "local",
+               retry_failed: bool = True, on_record: Callable[[dict], None] | None = None) -> Summary:
+    """Run every pending (cell, task), write each record as it arrives, and summarise."""
+    store = store or Store()
+    todo, skipped = plan(cells, store, retry_failed)
+    summary = Summary(total=sum(len(c.tasks) for c in cells), skipped=skipped)
+    ex = get_executor(executor) if isinstance(executor, str) else executor
+    # Versions are read once here so every record of this invocation reports the same ones.
+    library_versions()
+    bar = progress.bar(total=sum(len(c.tasks) for c in todo), desc="matrix", leave=True, unit="run")
+    try:
+        for record in ex.run(todo, store.root):
+            store.write(record)
+            if record["status"] == DONE:
+                summary.done += 1
+            else:
+                summary.failed += 1
+                summary.failures.append(f"{record['run_id']} {record['model']} {record['method_label']} "
+                                        f"{record['scheme'] or '-'} {record['task']}: {record['error']}")
+            bar.update(1)
+            bar.set_postfix_str(f"{record['method_label']} {record['scheme'] or '-'} {record['task']}")
+            if on_record:
+                on_record(record)
+    finally:
+        bar.close()
+    return summary

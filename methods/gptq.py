@@ -1,0 +1,76 @@
+"""GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers (Frantar et al., 2023).
+
+Calibration runs the layer-wise GPTQ solver of `harness.gptq` on the calibration windows and keeps
+the quantized weights as the state; `apply` writes those weights into a fresh model and installs the
+scheme's activation/KV quantizers (the weights are already on the grid, so they are not re-rounded).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, PositiveInt
+
+from harness.method import CalibContext, Method, MethodParams, State
+from harness.registry import register_method
+
+
+def weight_format(scheme: Any) -> Any:
+    """The scheme's weight format (None when weights stay in full precision)."""
+    for attr in ("weight", "weight_format", "weights"):
+        if hasattr(scheme, attr):
+            return getattr(scheme, attr)
+    return None
+
+
+def _fmt_dict(fmt: Any) -> Any:
+    if fmt is None or isinstance(fmt, (str, dict)):
+        return fmt
+    return fmt.to_dict() if hasattr(fmt, "to_dict") else str(fmt)
+
+
+@register_method("gptq")
+class GPTQ(Method):
+    """GPTQ (Frantar et al., 2023): layer-wise second-order weight rounding on calibration data."""
+
+    version = 1
+
+    class Params(MethodParams):
+        block_size: PositiveInt = 128  # columns updated together (the paper's lazy batch)
+        damp: float = Field(0.01, gt=0, le=1)  # dampening, a fraction of the mean Hessian diagonal
+        act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
+        static_groups: bool = False  # with act_order: group scales fixed before the reordering
+        mse_clip: bool = False  # search a per-group clipping ratio that minimises the weight error
+        true_sequential: bool = False  # q/k/v -> o -> gate/up -> down solved one after another in a layer
+
+    def calib_scheme_key(self, scheme: Any) -> Any:
+        # GPTQ sees full-precision activations during calibration: only the weight format matters.
+        return {"weight": _fmt_dict(weight_format(scheme))}
+
+    def calibrate(self, ctx: CalibContext) -> State:
+        fmt = weight_format(ctx.scheme)
+        if fmt is None:
+            return State(meta={"note": "scheme keeps weights in full precision; nothing to solve"})
+        from harness.gptq import gptq_quantize_model
+
+        # The solver writes the quantized weights into ctx.model as it goes (the next layer's inputs
+        # must come from quantized layers); `apply` writes the same tensors, so a cached state on a
+        # fresh model gives the same model.
+        weights = gptq_quantize_model(ctx.model, ctx.adapter, ctx.calib_inputs(), fmt, progress=ctx.progress,
+                                      **self.params.model_dump())
+        tensors = {name: w.detach().to("cpu") for name, w in dict(weights).items()}
+        report = getattr(weights, "report", {})
+        return State(tensors=tensors, meta={"weight_format": _fmt_dict(fmt), "n_weights": len(tensors),
+                                            "report": report})
+
+    def apply(self, model, adapter, state: State, scheme):
+        import torch
+
+        from harness.quant import apply_scheme
+
+        with torch.no_grad():
+            for name, w in state.tensors.items():
+                names = dict(model.named_parameters())
+                param = names[name] if name in names else model.get_parameter(f"{name}.weight")
+                param.copy_(w.to(device=param.device, dtype=param.dtype))
+        out = apply_scheme(model, adapter, scheme, quantize_weights=False)
+        return model if out is None else out

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from harness.report.claims import (
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    NOT_RUN,
+    REPRODUCED,
+    ClaimError,
+    ResultLookup,
+    evaluate_claim,
+)
+
+
+def results(rows):
+    base = {"model": "m", "task": "wikitext2", "status": "done", "error": None, "metric": "ppl"}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+@pytest.fixture
+def lookup():
+    df = results(
+        [
+            {"method": "rtn", "scheme": "mxfp4", "value": 40.0, "seed": 0},
+            {"method": "brq", "scheme": "mxfp4", "value": 30.0, "seed": 0},
+            {"method": "brq", "scheme": "mxfp4", "value": 31.0, "seed": 1},
+            {"method": "torq", "scheme": "mxfp4", "value": 29.0, "seed": 0},
+            {"method": "torq", "scheme": "mxfp4", "value": 32.0, "seed": 1},
+            {"method": "fp", "scheme": "w16a16", "value": 20.0, "seed": 0},
+            {"method": "sq", "scheme": "w8a8", "value": 20.3, "seed": 0},
+            {"method": "torq", "scheme": "mxfp4", "value": 0.1, "seed": 0, "metric": "method.block_cv_after"},
+            {"method": "torq", "scheme": "mxfp4", "value": 1.2, "seed": 0, "metric": "method.block_cv_before"},
+            {"method": "bad", "scheme": "mxfp4", "value": float("nan"), "status": "failed", "error": "boom",
+             "metric": None},
+        ]
+    )
+    return ResultLookup(df, default_ppl_task="wikitext2")
+
+
+def test_chained_comparison_reproduced(lookup):
+    r = evaluate_claim("ppl(brq, mxfp4) < ppl(rtn, mxfp4)", lookup)
+    assert r.verdict == REPRODUCED
+    assert r.values["ppl(brq, mxfp4)"].mean == 30.5 and r.values["ppl(brq, mxfp4)"].n == 2
+
+
+def test_not_reproduced_and_inconclusive_within_seed_noise(lookup):
+    assert evaluate_claim("ppl(rtn, mxfp4) < ppl(brq, mxfp4)", lookup).verdict == NOT_REPRODUCED
+    # torq 30.5±2.1 vs brq 30.5±0.7: the difference is inside seed noise
+    assert evaluate_claim("ppl(torq, mxfp4) < ppl(brq, mxfp4)", lookup).verdict == INCONCLUSIVE
+    chained = evaluate_claim("ppl(torq, mxfp4) < ppl(brq, mxfp4) < ppl(rtn, mxfp4)", lookup)
+    assert chained.verdict == INCONCLUSIVE
+
+
+def test_approx_and_arithmetic(lookup):
+    assert evaluate_claim("approx(ppl(sq, w8a8), ppl(fp, w16a16), rel=0.02)", lookup).verdict == REPRODUCED
+    assert evaluate_claim("approx(ppl(sq, w8a8), ppl(fp, w16a16), rel=0.001)", lookup).verdict == NOT_REPRODUCED
+    assert evaluate_claim("ppl(rtn, mxfp4) - ppl(fp, w16a16) > 10", lookup).verdict == REPRODUCED
+
+
+def test_dotted_metric_names(lookup):
+    check = "metric(method.block_cv_after, torq, mxfp4) < metric(method.block_cv_before, torq, mxfp4)"
+    r = evaluate_claim(check, lookup)
+    assert r.verdict == REPRODUCED and r.values["metric(method.block_cv_after, torq, mxfp4)"].mean == 0.1
+
+
+def test_missing_or_failed_runs_are_not_run(lookup):
+    r = evaluate_claim("ppl(bad, mxfp4) < ppl(rtn, mxfp4)", lookup)
+    assert r.verdict == NOT_RUN and "boom" in r.detail
+    assert evaluate_claim("ppl(nosuch, mxfp4) < 3", lookup).verdict == NOT_RUN
+
+
+@pytest.mark.parametrize("check", ["ppl(rtn mxfp4) <", "__import__('os')", "ppl(rtn, mxfp4) == 3", "foo(rtn, mxfp4) < 1"])
+def test_bad_claims_raise_one_line_errors(lookup, check):
+    with pytest.raises(ClaimError) as err:
+        evaluate_claim(check, lookup, claim_id="c1")
+    assert "\n" not in str(err.value)

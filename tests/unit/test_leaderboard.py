@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pandas as pd
+
+from harness.report.leaderboard import build_leaderboard
+
+
+def frame():
+    rows = []
+    for method, scheme, seed, value in [
+        ("fp", "w16a16", 0, 20.0),
+        ("rtn", "mxfp4", 0, 40.0),
+        ("gptq", "mxfp4", 0, 30.0),
+        ("gptq", "mxfp4", 1, 32.0),
+        ("rtn", "int4", 0, 90.0),
+    ]:
+        rows.append({"model": "m", "task": "wikitext2", "method": method, "scheme": scheme, "seed": seed,
+                     "status": "done", "metric": "ppl", "value": value, "protocol.seqlen": 512, "error": None})
+    rows.append({"model": "m", "task": "wikitext2", "method": "gptq", "scheme": "int4", "seed": 0,
+                 "status": "failed", "metric": None, "value": float("nan"), "protocol.seqlen": 512, "error": "x"})
+    return pd.DataFrame(rows)
+
+
+def test_pivot_means_deltas_best_and_failed():
+    board = build_leaderboard(frame(), "ppl", task="wikitext2", model="m")
+    assert board.mean.loc["gptq", "mxfp4"] == 31.0 and board.n.loc["gptq", "mxfp4"] == 2
+    assert board.baseline == 20.0
+    cells = board.cells()
+    assert cells.loc["gptq", "mxfp4"].startswith("**31.000 ± 1.414 (+11.000)")  # best of its column, lower is better
+    assert cells.loc["gptq", "int4"] == "failed"
+    assert cells.loc["fp", "mxfp4"] == "–"
+    md = board.to_markdown()
+    assert "seqlen=512" in md and "| gptq" in md
+    assert "<b>" in board.to_html() and "\\textbf" in board.to_latex() and "\\toprule" in board.to_latex()
+
+
+def test_higher_is_better_for_accuracy():
+    df = frame().assign(metric="acc", value=lambda d: 1 / d["value"])
+    board = build_leaderboard(df, "acc", baseline=None)
+    assert board.best().loc["gptq", "mxfp4"] and not board.best().loc["rtn", "mxfp4"]
+
+
+def test_protocol_line_stays_one_line():
+    import pandas as pd
+
+    from harness.report.leaderboard import protocol_line
+
+    df = pd.DataFrame({"protocol.text.join": ["\n\n", "\n\n"], "protocol.seqlen": [256, 256]})
+    line = protocol_line(df)
+    assert "\n" not in line and "text.join=\\n\\n" in line and "seqlen=256" in line
