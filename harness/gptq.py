@@ -222,7 +222,7 @@ class _Stop(Exception):
     pass
 
 
-def _capture(model: nn.Module, layer: nn.Module, calib: torch.Tensor, batch_size: int) -> list[tuple]:
+def capture_layer_inputs(model: nn.Module, layer: nn.Module, calib: torch.Tensor, batch_size: int) -> list[tuple]:
     """(hidden states, kwargs) that `layer` receives, per calibration batch (the model stops there)."""
     captured = []
 
@@ -245,18 +245,19 @@ def _capture(model: nn.Module, layer: nn.Module, calib: torch.Tensor, batch_size
     return captured
 
 
-def _layer_kwargs(model: nn.Module, layers: list, calib: torch.Tensor, batch_size: int, inputs: list[tuple]):
+def layer_kwargs(model: nn.Module, layers: list, calib: torch.Tensor, batch_size: int, inputs: list[tuple]):
     """Per layer, its per-batch kwargs. Layers of another attention type than layer 0 (sliding-window
     vs full) get another mask, captured by stopping the model at the first layer of that type."""
     types = [getattr(view.module, "attention_type", None) for view in layers]
     by_type = {types[0]: [kw for _, kw in inputs]}
     for view, kind in zip(layers, types):
         if kind not in by_type:
-            by_type[kind] = [kw for _, kw in _capture(model, view.module, calib, batch_size)]
+            by_type[kind] = [kw for _, kw in capture_layer_inputs(model, view.module, calib, batch_size)]
     return [by_type[kind] for kind in types]
 
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The layer's output hidden states, per batch (the layer-wise driver's step; AWQ, DartQuant use it too)."""
     outs = []
     for x, kw in zip(hidden, kwargs):
         out = layer(x, **kw)
@@ -370,9 +371,9 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
     result.report["settings"] = {**solve, "true_sequential": true_sequential, "format": fmt.name,
                                  "n_windows": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[-1])}
     layers = adapter.layers()
-    first = _capture(model, layers[0].module, calib_inputs, batch_size)
+    first = capture_layer_inputs(model, layers[0].module, calib_inputs, batch_size)
     hidden = [x for x, _ in first]
-    kwargs_per_layer = _layer_kwargs(model, layers, calib_inputs, batch_size, first)
+    kwargs_per_layer = layer_kwargs(model, layers, calib_inputs, batch_size, first)
     del first
 
     for view, kwargs in zip(progress(layers, desc="GPTQ layers"), kwargs_per_layer):
@@ -384,7 +385,7 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
                 hess = _hessian_hooks(view.module, stage["groups"], handles)
                 expert_hess = _expert_hooks(view, stage["experts"], handles)
                 t = time.perf_counter()
-                _run_layer(view.module, hidden, kwargs)
+                run_layer(view.module, hidden, kwargs)
                 forward_s += time.perf_counter() - t
             finally:
                 for handle in handles:
@@ -406,7 +407,7 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
             for part, per_expert in expert_hess.items():
                 _solve_experts(view, part, per_expert, fmt, solve, names, result)
         t = time.perf_counter()
-        hidden = _run_layer(view.module, hidden, kwargs)  # inputs of the next layer, through quantized weights
+        hidden = run_layer(view.module, hidden, kwargs)  # inputs of the next layer, through quantized weights
         forward_s += time.perf_counter() - t
         result.report["layers"].append({"layer": view.index, "seconds": time.perf_counter() - start,
                                         "forward_seconds": forward_s})

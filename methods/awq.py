@@ -236,7 +236,7 @@ class AWQ(Method):
 
     @torch.no_grad()
     def calibrate(self, ctx: CalibContext) -> State:
-        from harness.gptq import _capture, _layer_kwargs, _run_layer
+        from harness.gptq import capture_layer_inputs, layer_kwargs, run_layer
 
         fmt = getattr(ctx.scheme, "weight", None)
         if fmt is None:
@@ -249,9 +249,9 @@ class AWQ(Method):
         inputs = ctx.calib_inputs()
         progress = ctx.progress or (lambda it, **_: it)
         layers = adapter.layers()
-        first = _capture(model, layers[0].module, inputs, p.batch_size)
+        first = capture_layer_inputs(model, layers[0].module, inputs, p.batch_size)
         hidden = [x for x, _ in first]
-        kwargs_per_layer = _layer_kwargs(model, layers, inputs, p.batch_size, first)
+        kwargs_per_layer = layer_kwargs(model, layers, inputs, p.batch_size, first)
         del first
 
         tensors: dict[str, torch.Tensor] = {}
@@ -260,7 +260,7 @@ class AWQ(Method):
         steps = 0
         for view, kwargs in zip(progress(layers, desc="AWQ layers"), kwargs_per_layer):
             with _LayerCapture(view) as cap:
-                hidden = _run_layer(view.module, hidden, kwargs)  # next layer's inputs: FP outputs
+                hidden = run_layer(view.module, hidden, kwargs)  # next layer's inputs: FP outputs
             scales = {}
             self._evals = 0
             for site in layer_sites(view, sites):

@@ -194,7 +194,7 @@ class DartQuant(RotationMethod):
         return r1, r2
 
     def build(self, ctx: CalibContext) -> Rotations:
-        from harness.gptq import _capture, _layer_kwargs, _run_layer
+        from harness.gptq import capture_layer_inputs, layer_kwargs, run_layer
         from harness.models import get_adapter
 
         p = self.params
@@ -217,9 +217,9 @@ class DartQuant(RotationMethod):
                 model = copy.deepcopy(ctx.model)  # a zero scale cannot be divided out: fold a copy
                 fold_norms(get_adapter(model))
                 layers = get_adapter(model).layers()
-            first = _capture(model, layers[0].module, calib, p.forward_batch)
+            first = capture_layer_inputs(model, layers[0].module, calib, p.forward_batch)
             hidden = [x for x, _ in first]
-            kwargs_per_layer = _layer_kwargs(model, layers, calib, p.forward_batch, first)
+            kwargs_per_layer = layer_kwargs(model, layers, calib, p.forward_batch, first)
             del first
             residual: list[torch.Tensor] = []
             progress = ctx.progress or (lambda it, **_: it)
@@ -236,7 +236,7 @@ class DartQuant(RotationMethod):
                         lambda _m, args: o_inputs.append(r2_sampler(args[0]))),
                 ]
                 try:
-                    hidden = _run_layer(view.module, hidden, kwargs)
+                    hidden = run_layer(view.module, hidden, kwargs)
                 finally:
                     for h in handles:
                         h.remove()

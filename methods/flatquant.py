@@ -141,7 +141,7 @@ class FlatQuant(Method):
                                    p.seqlen or ctx.calib.seqlen, seed=ctx.seed)
 
     def calibrate(self, ctx: CalibContext) -> State:
-        from harness.gptq import _capture, _layer_kwargs
+        from harness.gptq import capture_layer_inputs, layer_kwargs
         from harness.models import get_adapter
         from harness.quant import get_scheme, install_kv_quant, wrap_experts, wrap_linear
         from harness.rotation.fuse import OnlineTransform
@@ -167,8 +167,8 @@ class FlatQuant(Method):
         bs = min(p.batch_size, ids.shape[0])
         layers = adapter.layers()
         with torch.no_grad():
-            first = _capture(work, layers[0].module, ids, bs)
-            kwargs_per_layer = _layer_kwargs(work, layers, ids, bs, first)
+            first = capture_layer_inputs(work, layers[0].module, ids, bs)
+            kwargs_per_layer = layer_kwargs(work, layers, ids, bs, first)
         hidden = [x.float() for x, _ in first]
         del first
         wfmt = scheme.weight if p.weight_quant_in_loop else None
