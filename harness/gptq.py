@@ -27,6 +27,7 @@ Quantization params, with any format of harness.formats:
 """
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -36,7 +37,14 @@ import torch
 from torch import nn
 
 from harness.errors import InvalidValueError, PtqbenchError
-from harness.formats import Format, QuantParams, compute_params, get_format, quantize, quantize_with_params
+from harness.formats import (
+    Format,
+    QuantParams,
+    compute_params,
+    get_format,
+    quantize,
+    quantize_with_params,
+)
 
 MSE_SHRINKS = tuple(1 - i / 100 for i in range(21))  # 1.00, 0.99, ..., 0.80
 MSE_NORM = 2.4
@@ -444,3 +452,19 @@ def _solve_experts(view, part: str, per_expert: list[Hessian], fmt: Format, solv
     result.report["linears"].append({"layer": view.index, "linear": f"experts.{part}", "param": name,
                                      "shape": list(param.shape), "error": error,
                                      "seconds": time.perf_counter() - start, "experts_rtn": rtn})
+
+
+def gptq_after_transform(model: nn.Module, install: Callable, calib_inputs: torch.Tensor, weight_fmt: Format | str,
+                         block_size: int = 128, damp: float = 0.01, progress: Callable | None = None) -> GPTQWeights:
+    """GPTQ weights of `model` transformed by `install(copy, adapter)`, solved on a copy (the model is left
+    as it is): what transform methods (QuaRot, SpinQuant, OSTQuant, FlatQuant) store as their weights."""
+    from harness.models import get_adapter
+
+    work = copy.deepcopy(model)
+    adapter = get_adapter(work)
+    install(work, adapter)
+    try:
+        return gptq_quantize_model(work, adapter, calib_inputs, weight_fmt, block_size=block_size, damp=damp,
+                                   progress=progress)
+    finally:
+        del work

@@ -103,6 +103,37 @@ class CalibContext:
             self._inputs = inputs
         return self._inputs
 
+    def training_windows(self, samples: int | None = None, seqlen: int | None = None) -> torch.Tensor:
+        """Windows for a learned method's training loop: the calibration windows, or (when a method param
+        overrides their number or length) windows drawn the same way from the same corpus and seed."""
+        if samples is None and seqlen is None:
+            return self.calib_inputs()
+        from harness.data import calibration_windows
+
+        return calibration_windows(self.tokenizer, self.calib.corpus, samples or self.calib.n,
+                                   seqlen or self.calib.seqlen, seed=self.seed)
+
+
+#: State tensors under this prefix are solved weights (GPTQ after a transform), keyed by parameter name.
+SOLVED_WEIGHT_PREFIX = "w."
+
+
+def solved_weight_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {SOLVED_WEIGHT_PREFIX + name: w for name, w in weights.items()}
+
+
+@torch.no_grad()
+def load_solved_weights(model: torch.nn.Module, state: "State") -> bool:
+    """Copy the solved weights a State holds into `model` in place; False when it holds none."""
+    params = dict(model.named_parameters())
+    found = False
+    for key, w in state.tensors.items():
+        if key.startswith(SOLVED_WEIGHT_PREFIX):
+            target = params[key[len(SOLVED_WEIGHT_PREFIX):]]
+            target.copy_(w.to(device=target.device, dtype=target.dtype))
+            found = True
+    return found
+
 
 class Method:
     """Base class of every quantization method plugin."""

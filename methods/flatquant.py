@@ -49,11 +49,17 @@ from harness.affine import (
     with_clip,
 )
 from harness.errors import InvalidValueError
-from harness.method import CalibContext, Method, MethodParams, State
+from harness.method import (
+    CalibContext,
+    Method,
+    MethodParams,
+    State,
+    load_solved_weights,
+    solved_weight_tensors,
+)
 from harness.registry import register_method
 from harness.transforms import hadamard, is_hadamard_order, random_orthogonal
 
-WEIGHT_PREFIX = "w."
 SITE_INDEX = {"qkv": 0, "o": 1, "mlp": 2, "down": 3, "experts_down": 4}
 
 
@@ -131,19 +137,15 @@ class FlatQuant(Method):
     Params = FlatQuantParams
 
     # ---- calibration -----------------------------------------------------------------------------
-    def windows(self, ctx: CalibContext) -> torch.Tensor:
-        p = self.params
-        if p.samples is None and p.seqlen is None:
-            return ctx.calib_inputs()
-        from harness.data import calibration_windows
-
-        return calibration_windows(ctx.tokenizer, ctx.calib.corpus, p.samples or ctx.calib.n,
-                                   p.seqlen or ctx.calib.seqlen, seed=ctx.seed)
-
     def calibrate(self, ctx: CalibContext) -> State:
         from harness.gptq import capture_layer_inputs, layer_kwargs
         from harness.models import get_adapter
-        from harness.quant import get_scheme, install_kv_quant, wrap_experts, wrap_linear
+        from harness.quant import (
+            get_scheme,
+            install_kv_quant,
+            wrap_experts,
+            wrap_linear,
+        )
         from harness.rotation.fuse import OnlineTransform
 
         p = self.params
@@ -152,7 +154,7 @@ class FlatQuant(Method):
             raise InvalidValueError("scheme for flatquant", scheme.name, "one that keeps lm_head and embeddings in FP")
         t0 = time.perf_counter()
         device = next(ctx.model.parameters()).device
-        ids = self.windows(ctx).to(device)
+        ids = ctx.training_windows(p.samples, p.seqlen).to(device)
         work = copy.deepcopy(ctx.model).float().requires_grad_(False)
         adapter = get_adapter(work)
         for view in adapter.layers():
@@ -214,16 +216,15 @@ class FlatQuant(Method):
         return State(tensors=tensors, meta=meta)
 
     def _gptq(self, ctx, ids, transforms, qk, wfmt, tensors) -> dict:
-        from harness.gptq import gptq_quantize_model
-        from harness.models import get_adapter
+        from harness.gptq import gptq_after_transform
 
-        work = copy.deepcopy(ctx.model)
-        adapter = get_adapter(work)
-        install_affine(work, adapter, transforms, qk)
-        _experts_transform_as_pre_hook(adapter)
-        weights = gptq_quantize_model(work, adapter, ids, wfmt, block_size=self.params.gptq_block_size,
-                                      damp=self.params.gptq_damp, progress=ctx.progress)
-        tensors.update({WEIGHT_PREFIX + name: w for name, w in weights.items()})
+        def install(work, adapter):
+            install_affine(work, adapter, transforms, qk)
+            _experts_transform_as_pre_hook(adapter)
+
+        weights = gptq_after_transform(ctx.model, install, ids, wfmt, block_size=self.params.gptq_block_size,
+                                       damp=self.params.gptq_damp, progress=ctx.progress)
+        tensors.update(solved_weight_tensors(weights))
         return {"n_weights": len(weights), "weight_format": wfmt.name}
 
     def calib_scheme_key(self, scheme):
@@ -238,13 +239,8 @@ class FlatQuant(Method):
         scheme = get_scheme(scheme)
         transforms = AffineTransforms.from_tensors(state.tensors, adapter.num_layers)
         install_affine(model, adapter, transforms, state.tensors.get("qk"))
-        weights = {k[len(WEIGHT_PREFIX):]: v for k, v in state.tensors.items() if k.startswith(WEIGHT_PREFIX)}
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            if weights:
-                for name, w in weights.items():
-                    params[name].copy_(w.to(device=params[name].device, dtype=params[name].dtype))
-            elif scheme.weight is not None:
+        if not load_solved_weights(model, state) and scheme.weight is not None:
+            with torch.no_grad():  # RTN with the learned per-channel clip ratios
                 for view in adapter.layers():
                     for role, weight in _weight_roles(view):
                         ratio = state.tensors.get(f"lwc.{view.index}.{role}")

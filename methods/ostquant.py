@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from harness.affine import scale_input_columns, scale_output_rows, scale_vector
 from harness.errors import InvalidValueError
-from harness.method import CalibContext, Method, MethodParams, State, scheme_to_dict
+from harness.method import CalibContext, State, scheme_to_dict
 from harness.registry import register_method
 from harness.rotation.install import Rotations, fold_norms, install_rotations
 from harness.rotation.learn import (
@@ -48,9 +48,14 @@ from harness.rotation.learn import (
     ste_quantize,
     straight_through_quantizers,
 )
-from harness.transforms import hadamard, hadamard_transform, random_hadamard, random_orthogonal
+from harness.rotation.method import RotationMethod, RotationParams
+from harness.transforms import (
+    hadamard,
+    hadamard_transform,
+    random_hadamard,
+    random_orthogonal,
+)
 
-WEIGHT_PREFIX = "w."
 SCALE_PREFIX = "ost."
 
 
@@ -250,10 +255,7 @@ class OSTTrainingModel:
 # ---- the method ---------------------------------------------------------------------------------------------
 
 
-class OSTQuantParams(MethodParams):
-    weight_solver: Literal["rtn", "gptq"] = "gptq"
-    gptq_damp: float = 0.01
-    gptq_block_size: int = 128
+class OSTQuantParams(RotationParams):  # weight_solver (default gptq), gptq_damp, gptq_block_size
     steps: int = 100
     batch_size: int = 32  # official: 4 per GPU x 8 GPUs
     samples: int | None = None  # training windows; None: the cell's calibration windows
@@ -275,7 +277,7 @@ class OSTQuantParams(MethodParams):
 
 
 @register_method("ostquant")
-class OSTQuant(Method):
+class OSTQuant(RotationMethod):
     """Learned R1/R2 + per-channel scalings (KL-Top loss), Hadamard R3/R4, then GPTQ or RTN."""
 
     version = 1
@@ -283,15 +285,6 @@ class OSTQuant(Method):
 
     def calib_scheme_key(self, scheme):
         return scheme_to_dict(scheme)  # activations / KV (and weights) are in the training loop
-
-    def training_windows(self, ctx: CalibContext) -> torch.Tensor:
-        p = self.params
-        if p.samples is None and p.seqlen is None:
-            return ctx.calib_inputs()
-        from harness.data import calibration_windows
-
-        return calibration_windows(ctx.tokenizer, ctx.calib.corpus, p.samples or ctx.calib.n,
-                                   p.seqlen or ctx.calib.seqlen, seed=ctx.seed)
 
     def initial(self, ctx: CalibContext):
         """(R1, [R2 per layer], scalings) at init."""
@@ -312,7 +305,7 @@ class OSTQuant(Method):
     def calibrate(self, ctx: CalibContext) -> State:
         p = self.params
         device = next(ctx.model.parameters()).device
-        windows = self.training_windows(ctx).to(device)
+        windows = ctx.training_windows(self.params.samples, self.params.seqlen).to(device)
         order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
         r1_init, r2_init, s_init = self.initial(ctx)
         t0 = time.perf_counter()
@@ -364,39 +357,11 @@ class OSTQuant(Method):
         rot = Rotations(residual=r1_final, qk=self._qk(ctx), down_kind="hadamard", heads=r2_final, info=info)
         tensors = {**rot.to_tensors(), **scales_to_tensors(s_final)}
         meta = {"steps": p.steps, "calib_peak_bytes": mem.peak_bytes, "down_kind": "hadamard", "info": info}
-        weight_fmt = getattr(ctx.scheme, "weight", None)
-        if p.weight_solver == "gptq" and weight_fmt is not None:
-            from harness.gptq import gptq_quantize_model
-            from harness.models import get_adapter
-
-            work = copy.deepcopy(ctx.model)
-            work_adapter = get_adapter(work)
-            install_ost(work, work_adapter, rot, s_final)
-            weights = gptq_quantize_model(work, work_adapter, ctx.calib_inputs(), weight_fmt,
-                                          block_size=p.gptq_block_size, damp=p.gptq_damp, progress=ctx.progress)
-            tensors.update({WEIGHT_PREFIX + name: w for name, w in weights.items()})
-            meta["gptq"] = {"n_weights": len(weights), "weight_format": weight_fmt.name}
-            del work
+        self.solve_weights(ctx, lambda work, adapter: install_ost(work, adapter, rot, s_final), tensors, meta)
         return State(tensors=tensors, meta=meta)
 
-    def apply(self, model, adapter, state: State, scheme):
-        from harness.quant import apply_scheme
-
-        rot = Rotations.from_tensors({k: v for k, v in state.tensors.items() if k.startswith("rot.")},
-                                     state.meta.get("down_kind"), state.meta.get("info"))
+    def install(self, model, adapter, rot: Rotations, state: State) -> None:
         install_ost(model, adapter, rot, scales_from_tensors(state.tensors, adapter.num_layers))
-        self._metrics = dict((state.meta.get("info") or {}).get("metrics", {}))
-        weights = {k[len(WEIGHT_PREFIX):]: v for k, v in state.tensors.items() if k.startswith(WEIGHT_PREFIX)}
-        if weights:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, w in weights.items():
-                    params[name].copy_(w.to(device=params[name].device, dtype=params[name].dtype))
-        apply_scheme(model, adapter, scheme, quantize_weights=not weights)
-        return model
-
-    def metrics(self, model, ctx) -> dict[str, float]:
-        return dict(getattr(self, "_metrics", {}))
 
     def objective(self, ctx: CalibContext, r1, r2s, scales, ids) -> float:
         """The training loss (KL-Top of the quantized model) at the given transforms, without gradients."""

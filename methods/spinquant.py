@@ -249,15 +249,6 @@ class SpinQuant(RotationMethod):
     def calib_scheme_key(self, scheme):
         return scheme_to_dict(scheme)  # activations / KV (and weights) are in the training loop
 
-    def training_windows(self, ctx: CalibContext) -> torch.Tensor:
-        p = self.params
-        if p.samples is None and p.seqlen is None:
-            return ctx.calib_inputs()
-        from harness.data import calibration_windows
-
-        return calibration_windows(ctx.tokenizer, ctx.calib.corpus, p.samples or ctx.calib.n,
-                                   p.seqlen or ctx.calib.seqlen, seed=ctx.seed)
-
     def initial_rotations(self, ctx: CalibContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
         adapter, seed = ctx.adapter, ctx.seed
         make = random_hadamard if self.params.init == "hadamard" else random_orthogonal
@@ -288,7 +279,7 @@ class SpinQuant(RotationMethod):
     def build(self, ctx: CalibContext) -> Rotations:
         p = self.params
         device = next(ctx.model.parameters()).device
-        windows = self.training_windows(ctx).to(device)
+        windows = ctx.training_windows(self.params.samples, self.params.seqlen).to(device)
         order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
         r1_init, r2_init = self.initial_rotations(ctx)
         t0 = time.perf_counter()

@@ -7,15 +7,17 @@ the model, writes the stored weights if any, then installs the scheme's quantize
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
-import torch
-
-from harness.method import CalibContext, Method, MethodParams, State
+from harness.method import (
+    CalibContext,
+    Method,
+    MethodParams,
+    State,
+    load_solved_weights,
+    solved_weight_tensors,
+)
 from harness.rotation.install import Rotations, install_rotations
-
-WEIGHT_PREFIX = "w."
 
 
 class RotationParams(MethodParams):
@@ -37,8 +39,6 @@ class RotationMethod(Method):
         return {"weight": scheme.weight.to_dict() if getattr(scheme, "weight", None) else None}
 
     def calibrate(self, ctx: CalibContext) -> State:
-        from harness.models import get_adapter
-
         rot = self.build(ctx)
         tensors = rot.to_tensors()
         meta = {"down_kind": rot.down_kind, "info": rot.info}
@@ -46,35 +46,36 @@ class RotationMethod(Method):
         for key, meta_key in (("steps", "steps"), ("peak_bytes", "calib_peak_bytes")):
             if key in rot.info:
                 meta[meta_key] = rot.info[key]
-        weight_fmt = getattr(ctx.scheme, "weight", None)
-        if self.params.weight_solver == "gptq" and weight_fmt is not None:
-            from harness.gptq import gptq_quantize_model
-
-            work = copy.deepcopy(ctx.model)
-            work_adapter = get_adapter(work)
-            install_rotations(work, work_adapter, rot)
-            weights = gptq_quantize_model(work, work_adapter, ctx.calib_inputs(), weight_fmt,
-                                          block_size=self.params.gptq_block_size, damp=self.params.gptq_damp,
-                                          progress=ctx.progress)
-            tensors.update({WEIGHT_PREFIX + name: w for name, w in weights.items()})
-            meta["gptq"] = {"n_weights": len(weights), "weight_format": weight_fmt.name}
-            del work
+        self.solve_weights(ctx, lambda work, adapter: install_rotations(work, adapter, rot), tensors, meta)
         return State(tensors=tensors, meta=meta)
+
+    def solve_weights(self, ctx: CalibContext, install, tensors: dict, meta: dict) -> None:
+        """With `weight_solver: gptq` and a weight format: GPTQ weights of the model as `install(model, adapter)`
+        transforms it, solved on a copy, added to `tensors` (`apply` writes them instead of RTN)."""
+        weight_fmt = getattr(ctx.scheme, "weight", None)
+        if self.params.weight_solver != "gptq" or weight_fmt is None:
+            return
+        from harness.gptq import gptq_after_transform
+
+        weights = gptq_after_transform(ctx.model, install, ctx.calib_inputs(), weight_fmt,
+                                       block_size=self.params.gptq_block_size, damp=self.params.gptq_damp,
+                                       progress=ctx.progress)
+        tensors.update(solved_weight_tensors(weights))
+        meta["gptq"] = {"n_weights": len(weights), "weight_format": weight_fmt.name}
+
+    def install(self, model, adapter, rot: Rotations, state: State) -> None:
+        """Fuse the method's transform into `model` (the rotations; subclasses may add their own parts)."""
+        install_rotations(model, adapter, rot)
 
     def apply(self, model, adapter, state: State, scheme):
         from harness.quant import apply_scheme
 
         rot = Rotations.from_tensors({k: v for k, v in state.tensors.items() if k.startswith("rot.")},
                                      state.meta.get("down_kind"), state.meta.get("info"))
-        install_rotations(model, adapter, rot)
+        self.install(model, adapter, rot, state)
         self._metrics = dict((state.meta.get("info") or {}).get("metrics", {}))
-        weights = {k[len(WEIGHT_PREFIX):]: v for k, v in state.tensors.items() if k.startswith(WEIGHT_PREFIX)}
-        if weights:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, w in weights.items():
-                    params[name].copy_(w.to(device=params[name].device, dtype=params[name].dtype))
-        apply_scheme(model, adapter, scheme, quantize_weights=not weights)
+        solved = load_solved_weights(model, state)
+        apply_scheme(model, adapter, scheme, quantize_weights=not solved)
         return model
 
     def metrics(self, model, ctx) -> dict[str, float]:

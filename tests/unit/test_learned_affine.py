@@ -373,7 +373,7 @@ def test_ostquant_beats_its_hadamard_init_on_its_loss(scheme):
     method = get_method("ostquant")(params)
     with torch.no_grad():
         state = method.calibrate(ctx)
-    ids = method.training_windows(ctx)
+    ids = ctx.training_windows(method.params.samples, method.params.seqlen)
     r1, r2s, scales = method.initial(ctx)
     from methods.ostquant import scales_from_tensors
 

@@ -252,7 +252,7 @@ def test_spinquant_beats_its_hadamard_init_on_its_quantized_loss(scheme):
     ctx = context(scheme=scheme)
     method = get_method("spinquant")(params)
     state = method.calibrate(ctx)
-    ids = method.training_windows(ctx)
+    ids = ctx.training_windows(method.params.samples, method.params.seqlen)
     r1, r2 = method.initial_rotations(ctx)
     learned = Rotations.from_tensors({k: v for k, v in state.tensors.items() if k.startswith("rot.")}, "hadamard")
     before = method.objective(ctx, Rotations(residual=r1, heads=r2), ids)
