@@ -71,6 +71,22 @@ def test_missing_or_failed_runs_are_not_run(lookup):
     assert evaluate_claim("ppl(nosuch, mxfp4) < 3", lookup).verdict == NOT_RUN
 
 
+def test_a_diverged_run_counts_with_its_value_and_is_flagged():
+    df = results([
+        {"method": "quarot", "scheme": "w4a4", "value": 900.0},
+        {"method": "rtn", "scheme": "w4a4", "value": 22000.0, "status": "failed",
+         "error": "[eval] RunFailure: diverged: ppl=2.2e+04 on wikitext2 exceeds 10000"},
+        {"method": "nan", "scheme": "w4a4", "value": float("nan"), "status": "failed",
+         "error": "[eval] NonFiniteError: NaN logits"},
+    ])
+    lookup = ResultLookup(df, default_ppl_task="wikitext2")
+    r = evaluate_claim("ppl(quarot, w4a4) < ppl(rtn, w4a4)", lookup)
+    assert r.verdict == REPRODUCED and r.values["ppl(rtn, w4a4)"].diverged == 1
+    assert evaluate_claim("ppl(rtn, w4a4) < ppl(quarot, w4a4)", lookup).verdict == NOT_REPRODUCED
+    other = evaluate_claim("ppl(quarot, w4a4) < ppl(nan, w4a4)", lookup)  # any other failure: not run
+    assert other.verdict == NOT_RUN and "NaN logits" in other.detail
+
+
 @pytest.mark.parametrize("check", ["ppl(rtn mxfp4) <", "__import__('os')", "ppl(rtn, mxfp4) == 3", "foo(rtn, mxfp4) < 1"])
 def test_bad_claims_raise_one_line_errors(lookup, check):
     with pytest.raises(ClaimError) as err:
