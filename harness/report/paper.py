@@ -107,7 +107,8 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
     md += ["## Claims", "", claims_table(results).to_markdown(index=False, tablefmt="github") if results else "(no claims)", ""]
     md += ["Verdicts compare means over seeds; a difference inside the seed spread (plus the claim's tolerance) is "
            "*inconclusive*; a claim whose runs are missing or failed is *not run* (a diverged run, whose perplexity "
-           "was recorded, counts with its value, marked \"(diverged)\"). Smoke-scale verdicts come from a small model and short evaluations: they test the pipeline and the direction of an effect, not the paper's numbers.", ""]
+           "was recorded, counts with its value, marked \"(diverged)\"). Smoke-scale verdicts come from a small model and short "
+           "evaluations: they test the pipeline and the direction of an effect, not the paper's numbers.", ""]
     if reported is not None:
         md += ["## Numbers reported in the paper", "", reported.to_markdown(index=False, tablefmt="github"), ""]
     md += ["## Our results", ""]
