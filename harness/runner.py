@@ -38,6 +38,12 @@ class RunFailure(PtqbenchError):
     """A run that produced no usable number (non-finite logits, diverged perplexity)."""
 
 
+def is_diverged(record: dict[str, Any] | None) -> bool:
+    """A failed run whose perplexity was measured but is above DIVERGED_PPL: a deterministic outcome (the
+    value stays in its metrics), so it is not retried and does not make `ptqbench run` exit non-zero."""
+    return bool(record) and record.get("status") == FAILED and "RunFailure: diverged:" in str(record.get("error"))
+
+
 def one_line_error(exc: BaseException) -> str:
     msg = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
@@ -487,21 +493,28 @@ class Summary:
     skipped: int = 0
     done: int = 0
     failed: int = 0
+    diverged: int = 0  # of the failed ones: measured but above DIVERGED_PPL
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> int:
+        """Failed runs that did not produce a number (crashes, NaN, OOM...)."""
+        return self.failed - self.diverged
 
 
 def plan(cells: Iterable[Cell], store: Store, retry_failed: bool = True) -> tuple[list[Cell], int]:
     """Cells reduced to their tasks that still need running; and how many runs were skipped.
 
-    Done runs are always skipped. Failed runs are retried by default (a failure can be transient: out
-    of memory, a killed worker); `retry_failed=False` skips them too.
+    Done and diverged runs are always skipped. Other failed runs are retried by default (a failure can
+    be transient: out of memory, a killed worker); `retry_failed=False` skips them too.
     """
     todo, skipped = [], 0
     for cell in cells:
         keep = set()
         for task in cell.tasks:
-            status = store.status(cell.run_ids[task.name])
-            if status == DONE or (status == FAILED and not retry_failed):
+            record = store.get(cell.run_ids[task.name])
+            status = record.get("status") if record else None
+            if status == DONE or is_diverged(record) or (status == FAILED and not retry_failed):
                 skipped += 1
             else:
                 keep.add(task.name)
@@ -527,6 +540,7 @@ def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Ex
                 summary.done += 1
             else:
                 summary.failed += 1
+                summary.diverged += is_diverged(record)
                 summary.failures.append(f"{record['run_id']} {record['model']} {record['method_label']} "
                                         f"{record['scheme'] or '-'} {record['task']}: {record['error']}")
             bar.update(1)

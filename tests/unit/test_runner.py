@@ -157,7 +157,7 @@ def test_one_failing_task_does_not_fail_its_siblings(tmp_path):
     recs = {r["task"]: r for r in store.records()}
     assert recs["toy_ppl"]["status"] == "done"
     assert recs["toy_acc"]["status"] == "failed" and recs["toy_acc"]["error"] == "[eval] ValueError: lm-eval fell over"
-    assert summary.failed == 1
+    assert summary.failed == 1 and summary.errors == 1
 
 
 @pytest.mark.parametrize("value, ok", [(12.0, True), (DIVERGED_PPL * 2, False), (float("nan"), False), (float("inf"), False)])
@@ -179,10 +179,14 @@ def test_diverged_ppl_becomes_a_failed_record(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("models: [tiny-a]\nmethods: [fp]\nschemes: [w4]\ntasks: [toy_ppl]\n")
     store = Store(tmp_path / "res")
-    run_matrix(load_spec(path).cells(), store, LocalExecutor(evaluators={"ppl": exploding}))
+    summary = run_matrix(load_spec(path).cells(), store, LocalExecutor(evaluators={"ppl": exploding}))
     (rec,) = store.records()
     assert rec["status"] == "failed" and rec["error"].startswith("[eval] RunFailure: diverged: ppl=3e+06")
     assert rec["metrics"]["ppl"] == 3.0e6  # the offending number is kept for inspection
+    assert (summary.failed, summary.diverged, summary.errors) == (1, 1, 0)
+    # a measured outcome: the rerun does not retry it (another failure would be retried)
+    again = run_matrix(load_spec(path).cells(), store, LocalExecutor(evaluators={"ppl": exploding}))
+    assert (again.skipped, again.failed) == (1, 0)
 
 
 def test_reusing_the_loaded_model_changes_no_number(tmp_path):
