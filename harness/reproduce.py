@@ -30,6 +30,23 @@ def paper_spec_path(paper: str) -> Path:
     return path
 
 
+def with_spec_labels(df, cells):
+    """The results of these cells, each row under the method label *this* spec gives it.
+
+    A run id hashes what changes the number, not the label, so a run recorded by another spec (QuaRot with
+    its default params is `quarot` in one paper and `quarot_gptq` in another) is reused as it is, and
+    one run can stand under two labels of the same spec: its rows are repeated, one per label."""
+    labels: dict[str, set[str]] = {}
+    for cell in cells:
+        for rid in cell.run_ids.values():
+            labels.setdefault(rid, set()).add(cell.method_label)
+    if df.empty:
+        return df
+    df = df[df["run_id"].isin(labels)].copy()
+    df["method_label"] = df["run_id"].map(lambda rid: sorted(labels[rid]))
+    return df.explode("method_label", ignore_index=True)
+
+
 def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | None = None) -> Path:
     """Report of the runs of these cells (claims, leaderboards, plots) under results/papers/<paper>/."""
     from harness.report import plots
@@ -38,9 +55,7 @@ def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | No
 
     paper = spec.file.paper or spec.name
     out = Path(out_dir) if out_dir else store.root / "papers" / paper
-    run_ids = {rid for c in cells for rid in c.run_ids.values()}
-    df = load_results(store.root)
-    df = df[df["run_id"].isin(run_ids)] if not df.empty else df
+    df = with_spec_labels(load_results(store.root), cells)
     images = []
     if not df.empty and (df["metric"] == "ppl").any():
         task = "wikitext2" if (df["task"] == "wikitext2").any() else None

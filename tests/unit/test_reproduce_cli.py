@@ -37,6 +37,24 @@ def test_reproduce_runs_the_spec_and_writes_the_report(tmp_path, monkeypatch):
     assert main(["reproduce", "demo", "--scale", "smoke", "--results-dir", str(tmp_path / "res"), "--no-track"]) == 0
 
 
+def test_a_run_recorded_by_another_spec_counts_under_this_specs_label(tmp_path, monkeypatch):
+    """Run ids do not hash labels: a second paper reuses the first one's runs under its own labels."""
+    papers = tmp_path / "experiments" / "papers"
+    papers.mkdir(parents=True)
+    (papers / "demo.yaml").write_text(PAPER)
+    (papers / "other.yaml").write_text(PAPER.replace("paper: demo", "paper: other")
+                                       .replace("methods: [fp, rtn]", "methods: [fp, {name: rtn, label: plain_rtn}]")
+                                       .replace("ppl(rtn, w4a4) > ppl(fp, w16a16)", "ppl(plain_rtn, w4a4) > 0"))
+    monkeypatch.chdir(tmp_path)
+    res = ["--scale", "smoke", "--results-dir", str(tmp_path / "res"), "--no-track"]
+    assert main(["reproduce", "demo", *res]) == 0
+    runs_before = sorted(p.name for p in (tmp_path / "res" / "runs").glob("*.json"))
+    assert main(["reproduce", "other", *res]) == 0
+    assert sorted(p.name for p in (tmp_path / "res" / "runs").glob("*.json")) == runs_before  # nothing re-run
+    claims = {c["id"]: c["verdict"] for c in json.loads((tmp_path / "res" / "papers" / "other" / "claims.json").read_text())}
+    assert claims["rtn_costs"] == "reproduced"
+
+
 def test_unknown_paper_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["reproduce", "nosuchpaper"]) == 2
