@@ -610,7 +610,7 @@ def _resolve(spec: Spec, scale: str | None, check_only: bool = False) -> _Resolv
     exclude = merged.get("exclude") or []
     for key, rules in (("include", include), ("exclude", exclude)):
         for i, rule in enumerate(rules):
-            _check_rule(where, loc(key, i), rule)
+            _check_rule(where, loc(key, i), rule, labels=[label for _, _, label, _ in methods])
     return _Resolved(models, methods, schemes, tasks, calibs, list(seeds), merged.get("dtype") or "auto",
                      include, exclude, dict(merged.get("resources") or {}))
 
@@ -661,7 +661,7 @@ def _resolve_tasks(where: _Located, entries: list, defaults: dict, loc) -> list[
     return tasks
 
 
-def _check_rule(where: _Located, rloc: tuple, rule: Any) -> None:
+def _check_rule(where: _Located, rloc: tuple, rule: Any, labels: list[str] = ()) -> None:
     from harness.registry import list_methods
 
     if not isinstance(rule, dict) or not rule:
@@ -674,10 +674,10 @@ def _check_rule(where: _Located, rloc: tuple, rule: Any) -> None:
                 raise where.error(rloc + (key,), f"params in a rule must be a mapping, got {value!r}")
             continue
         values = value if isinstance(value, list) else [value]
-        if key == "method":
-            known = list_methods()
+        if key == "method":  # a registered method name or a label of this spec's methods
+            known = [*list_methods(), *(label for label in labels if label not in list_methods())]
             for v in values:
-                if str(v).split("(")[0] not in known:
+                if str(v).split("(")[0] not in known and v not in labels:
                     raise where.error(rloc + (key,), f"unknown method {v!r}; choose one of: {', '.join(known)}")
         elif key == "task":
             catalog = task_catalog()

@@ -72,6 +72,12 @@ def test_params_rule_matches_variant(tmp_path):
     assert labels == {"fp", "toy_rtn", "toy_calib"}
 
 
+def test_rules_match_a_methods_label(tmp_path):
+    text = BASE.replace("toy_rtn,", "{name: toy_rtn, label: plain},") + "exclude: [{method: plain, scheme: w8}]\n"
+    cells = load_spec(write(tmp_path, text)).cells()
+    assert {c.scheme_name for c in cells if c.method_label == "plain"} == {"w4"}
+
+
 def test_scale_overrides_merge_mappings_and_replace_lists(tmp_path):
     text = BASE + """
 scales:
