@@ -96,11 +96,13 @@ def _as_groups(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n // fmt.group_size, fmt.group_size)
 
 
-def quantize_reference_torch(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """The pure-torch path (what the Triton kernels must match bit for bit)."""
+def quantize_reference_torch(x: torch.Tensor, fmt: Format, tensor_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """The pure-torch path (what the Triton kernels must match bit for bit). `tensor_amax`: max |x| over
+    the whole tensor, for the two-level E4M3 formats (computed here when not given)."""
     if x.numel() == 0:
         return x.clone()
     groups = _as_groups(x.float(), fmt)
-    tensor_amax = groups.abs().amax() if fmt.scale_type == "e4m3" else None
+    if fmt.scale_type == "e4m3" and tensor_amax is None:
+        tensor_amax = groups.abs().amax()
     params = compute_params(groups, fmt, tensor_amax)
     return quantize_with_params(groups, params, fmt).reshape(x.shape).to(x.dtype)
