@@ -43,8 +43,9 @@ BACKENDS = ("auto", "torch", "compiled", "triton")
 @functools.lru_cache(maxsize=None)
 def _compiled_quantizer(fmt: Format):
     # Inductor fuses the ~15 elementwise passes of the torch path into one loop (same bits, tested);
-    # the first call per format pays a compile of a few seconds.
-    compiled = torch.compile(functools.partial(quantize_reference_torch, fmt=fmt), dynamic=None)
+    # the first call per format pays a compile of a few seconds. dynamic=False: the formats share one code
+    # object, and from the second format on dynamo's automatic dynamic shapes made the kernels 3-7x slower.
+    compiled = torch.compile(functools.partial(quantize_reference_torch, fmt=fmt), dynamic=False)
     if fmt.scale_type != "e4m3":
         return compiled
     # Inside the compiled graph the whole-tensor amax of NVFP4/NVINT4 made the kernel ~5x slower on CPU
