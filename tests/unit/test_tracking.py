@@ -27,10 +27,12 @@ def test_offline_runs_written_to_disk(tmp_path, monkeypatch):
     assert tracking.log_summary(df, project="ptqbench-test", group="smoke", directory=tmp_path)
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
-    blob = b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
+    # the record's run (directory names start with a one-second timestamp, so sorting cannot tell them apart)
+    (run,) = [r for r in runs if r.name.endswith("-" + path.split("/")[-1])]
+    blob = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
     assert b"must-not-appear" not in blob
     assert b"protocol.seqlen" in blob and b"ppl" in blob  # config and summary in the offline run file
-    table = json.loads(next(runs[0].rglob("metrics_table*.table.json")).read_text())
+    table = json.loads(next(run.rglob("metrics_table*.table.json")).read_text())
     assert ["wikitext2", "ppl", 12.5] in table["data"]
 
 
