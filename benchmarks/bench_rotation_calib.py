@@ -43,7 +43,8 @@ def method_params(name: str, args) -> dict:
     if name == "spinquant":
         return {"weight_solver": "rtn", "steps": args.steps, "samples": None, "seqlen": None,
                 "batch_size": args.batch}
-    big = 1 << 40  # one batch holds every sampled token: one step per epoch
+    # default: one batch holds every sampled token (one step per epoch); --batch-tokens: mini-batches
+    big = args.batch_tokens or 1 << 40
     return {"weight_solver": "rtn", "r1_epochs": args.steps, "r1_batch_tokens": big,
             "r1_token_fraction": args.token_fraction, "r2_epochs": args.steps, "r2_batch_tokens": big,
             "r2_accumulation": 1}
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--batches", default="2,8", help="SpinQuant windows per step (one run each)")
     parser.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)  # a child's batch
     parser.add_argument("--token-fraction", type=float, default=0.1, help="DartQuant R1 token sample")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="DartQuant tokens per SGD step (default: all sampled tokens, one step per epoch)")
     parser.add_argument("--corpus", default="c4")
     parser.add_argument("--scheme", default="w4a4kv4")
     parser.add_argument("--threads", type=int, default=1)
@@ -116,7 +119,7 @@ def main() -> None:
     def run_child(name: str, batch: int) -> dict:
         opts = {**vars(args), "batch": batch}
         cmd = [sys.executable, __file__, "--child", name] + [
-            a for k, v in opts.items() if k not in ("child", "out", "methods", "batches")
+            a for k, v in opts.items() if k not in ("child", "out", "methods", "batches") and v is not None
             for a in (f"--{k.replace('_', '-')}", str(v))]
         print(f"running {name} (batch {batch}) ...", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
