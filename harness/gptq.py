@@ -463,8 +463,5 @@ def gptq_after_transform(model: nn.Module, install: Callable, calib_inputs: torc
     work = copy.deepcopy(model)
     adapter = get_adapter(work)
     install(work, adapter)
-    try:
-        return gptq_quantize_model(work, adapter, calib_inputs, weight_fmt, block_size=block_size, damp=damp,
-                                   progress=progress)
-    finally:
-        del work
+    return gptq_quantize_model(work, adapter, calib_inputs, weight_fmt, block_size=block_size, damp=damp,
+                               progress=progress)

@@ -27,7 +27,7 @@ from harness import progress
 from harness.errors import PtqbenchError, UnknownNameError
 from harness.method import CalibConfig, CalibContext, Method, State
 from harness.spec import Cell, TaskSpec, library_versions
-from harness.store import DONE, FAILED, Store
+from harness.store import DONE, FAILED, Store, is_diverged
 
 #: A perplexity above this (or NaN/Inf) marks the run as diverged: failed, with the value in the reason.
 DIVERGED_PPL = 1e4
@@ -36,12 +36,6 @@ SANITY_TEXT = "The quick brown fox jumps over the lazy dog. Quantization should 
 
 class RunFailure(PtqbenchError):
     """A run that produced no usable number (non-finite logits, diverged perplexity)."""
-
-
-def is_diverged(record: dict[str, Any] | None) -> bool:
-    """A failed run whose perplexity was measured but is above DIVERGED_PPL: a deterministic outcome (the
-    value stays in its metrics), so it is not retried and does not make `ptqbench run` exit non-zero."""
-    return bool(record) and record.get("status") == FAILED and "RunFailure: diverged:" in str(record.get("error"))
 
 
 def one_line_error(exc: BaseException) -> str:

@@ -675,9 +675,10 @@ def _check_rule(where: _Located, rloc: tuple, rule: Any, labels: list[str] = ())
             continue
         values = value if isinstance(value, list) else [value]
         if key == "method":  # a registered method name or a label of this spec's methods
-            known = [*list_methods(), *(label for label in labels if label not in list_methods())]
+            methods = list_methods()
+            known = [*methods, *(label for label in labels if label not in methods)]
             for v in values:
-                if str(v).split("(")[0] not in known and v not in labels:
+                if v not in labels and str(v).split("(")[0] not in methods:
                     raise where.error(rloc + (key,), f"unknown method {v!r}; choose one of: {', '.join(known)}")
         elif key == "task":
             catalog = task_catalog()

@@ -19,6 +19,14 @@ from typing import Any
 from harness.errors import PtqbenchError, UnknownNameError
 
 DONE, FAILED = "done", "failed"
+#: The error text of a run whose perplexity was measured but diverged (written by harness.runner.check_result).
+DIVERGED_MARK = "RunFailure: diverged:"
+
+
+def is_diverged(record: dict[str, Any] | None) -> bool:
+    """A failed run whose number was measured but is above the divergence limit: a deterministic outcome (the
+    value stays in its metrics), so it is not retried, is not an error exit, and still counts in claims."""
+    return bool(record) and record.get("status") == FAILED and DIVERGED_MARK in str(record.get("error"))
 # Record fields that hold nested config: flattened into dotted columns by `load_results`.
 _NESTED = ("method_params", "scheme_config", "protocol", "calib", "timings", "versions", "model_source", "info")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import PtqbenchError
+from harness.store import DIVERGED_MARK
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = "reproduced", "not reproduced", "inconclusive", "not run"
 
@@ -100,7 +101,7 @@ class ResultLookup:
             rows = rows[rows["task"] == task]
         # A diverged run (a finite perplexity above the runner's limit) is a failed record that still holds its
         # value: "X beats RTN" must hold when RTN diverged, so claims use it, flagged in the report.
-        diverged = rows["error"].fillna("").astype(str).str.contains("diverged:") if "error" in rows else False
+        diverged = rows["error"].fillna("").astype(str).str.contains(DIVERGED_MARK, regex=False) if "error" in rows else False
         usable = (rows["status"] == "done") | diverged
         failed = rows[~usable]
         rows = rows[usable & (rows["metric"] == metric)]
