@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from harness.errors import InvalidValueError
-from harness.formats import scales
 from harness.formats.elements import round_to_float_element, round_to_int
+from harness.formats.scales import divide, e4m3_block_scale, e8m0_scale, fp32_scale, nv_tensor_scale
 from harness.formats.spec import Format
 
 
@@ -47,20 +47,20 @@ def compute_params(x: torch.Tensor, fmt: Format, tensor_amax: torch.Tensor | Non
         lo = torch.clamp_max(x.amin(dim=-1, keepdim=True), 0) * fmt.clip_ratio
         hi = torch.clamp_min(x.amax(dim=-1, keepdim=True), 0) * fmt.clip_ratio
         span = hi - lo
-        scale = scales.fp32_scale(span, float(fmt.levels))
+        scale = fp32_scale(span, float(fmt.levels))
         zero = torch.round(-lo / scale)
         return QuantParams(scale, zero)
     amax = _group_amax(x) * fmt.clip_ratio
     if fmt.scale_type == "fp32":
-        return QuantParams(scales.fp32_scale(amax, fmt.qmax))
+        return QuantParams(fp32_scale(amax, fmt.qmax))
     if fmt.scale_type == "e8m0":
-        return QuantParams(scales.e8m0_scale(amax, fmt))
+        return QuantParams(e8m0_scale(amax, fmt))
     # e4m3 block scale over an fp32 per-tensor scale (NVFP4 / NVINT4)
     if tensor_amax is None:
         tensor_amax = x.abs().amax()
-    tensor_scale = scales.nv_tensor_scale(torch.as_tensor(tensor_amax, dtype=torch.float32, device=x.device), fmt)
+    tensor_scale = nv_tensor_scale(torch.as_tensor(tensor_amax, dtype=torch.float32, device=x.device), fmt)
     tensor_scale = torch.where(tensor_scale == 0, torch.ones_like(tensor_scale), tensor_scale)
-    scale, inv_scale = scales.e4m3_block_scale(scales.divide(amax, fmt.qmax), tensor_scale)
+    scale, inv_scale = e4m3_block_scale(divide(amax, fmt.qmax), tensor_scale)
     return QuantParams(scale, inv_scale=inv_scale)
 
 

@@ -9,7 +9,7 @@ import os
 import torch
 
 from harness.errors import PtqbenchError
-from harness.formats import scales
+from harness.formats.scales import nv_tensor_scale
 from harness.formats.spec import Format
 
 ROWS_PER_PROGRAM = 64
@@ -49,7 +49,7 @@ def quantize_triton(x: torch.Tensor, fmt: Format, rows_per_program: int = ROWS_P
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     out = torch.empty_like(blocks, dtype=torch.float32 if interpreted else blocks.dtype)
     if fmt.scale_type == "e4m3":
-        tensor_scale = scales.nv_tensor_scale(blocks.float().abs().amax(), fmt)
+        tensor_scale = nv_tensor_scale(blocks.float().abs().amax(), fmt)
         tensor_scale = torch.where(tensor_scale == 0, torch.ones_like(tensor_scale), tensor_scale)
     else:
         tensor_scale = torch.ones((), dtype=torch.float32, device=x.device)
