@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "ray_makespan.json"))
     args = ap.parse_args()
 
-    from harness.runner import run_matrix
-    from harness.scheduler import RayExecutor, init_ray
+    from harness.driver import run_matrix
+    from harness.executors.ray import RayExecutor, init_ray
     from harness.spec import load_spec
     from harness.store import Store
 

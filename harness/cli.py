@@ -109,7 +109,7 @@ def _cmd_list(kind: str) -> None:
 
         print("\n".join(list_papers()))
     else:
-        from harness.runner import list_executors
+        from harness.executors import list_executors
 
         print("\n".join(list_executors()))
 
@@ -154,7 +154,8 @@ def _track_summary(name: str, run_ids: set[str], store, state: dict) -> None:
 
 def _cmd_run(args) -> int:
     from harness import progress
-    from harness.runner import get_executor, plan, run_matrix
+    from harness.driver import plan, run_matrix
+    from harness.executors import get_executor
     from harness.spec import load_spec
     from harness.store import Store
 

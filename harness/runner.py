@@ -1,9 +1,8 @@
-"""Run cells: load the model, calibrate (or load the cached state), apply once, evaluate every task.
+"""Run one cell: load the model, calibrate (or load the cached state), apply once, evaluate every task.
 
 Each (cell, task) gives one record. Anything that goes wrong (an exception, non-finite logits, a
 diverged perplexity) becomes a failed record with a one-line reason, and the matrix goes on.
-Executors decide where cells run: `local` runs them one after another in this process; another
-executor (e.g. Ray) registers itself with `@register_executor("ray")` and yields the same records.
+Where cells run is the executors' business (harness.executors); the matrix is the driver's (harness.driver).
 """
 from __future__ import annotations
 
@@ -15,19 +14,18 @@ import random
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness import progress
-from harness.errors import PtqbenchError, UnknownNameError
+from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
-from harness.spec import Cell, TaskSpec, library_versions
-from harness.store import DONE, FAILED, Store, is_diverged
+from harness.spec import Cell, TaskSpec, versions_for
+from harness.store import DONE, FAILED, Store
 
 #: A perplexity above this (or NaN/Inf) marks the run as diverged: failed, with the value in the reason.
 DIVERGED_PPL = 1e4
@@ -195,15 +193,14 @@ def sanity_forward(model: torch.nn.Module, tokenizer: Any, device: str) -> None:
 # one cell
 
 
-def _default_loader(cell: Cell):
+def default_loader(cell: Cell):
+    """The model, tokenizer and adapter of a cell, from the model registry."""
     from harness.models import load_model
 
     return load_model(cell.model, revision=cell.revision, dtype=getattr(torch, cell.dtype), device=cell.device)
 
 
 def base_record(cell: Cell, task: TaskSpec) -> dict[str, Any]:
-    from harness.spec import versions_for
-
     return {
         "run_id": cell.run_ids[task.name], "spec": cell.spec_name, "scale": cell.scale,
         "model": cell.model, "revision": cell.revision, "model_source": cell.model_source,
@@ -272,7 +269,7 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
 
     store = store if isinstance(store, Store) else Store(store)
     evaluators = {**EVALUATORS, **(evaluators or {})}
-    loader = model_loader or _default_loader
+    loader = model_loader or default_loader
     state = _CellState()
     stage = "load"
     failure: BaseException | None = None
@@ -382,165 +379,3 @@ def _release(model: Any) -> None:
         gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------
-# executors
-
-
-class Executor:
-    """Runs cells somewhere and yields their records as they finish (the driver writes them)."""
-
-    name = "base"
-
-    def run(self, cells: list[Cell], store_root: Path) -> Iterator[dict[str, Any]]:
-        raise NotImplementedError
-
-
-EXECUTORS: dict[str, type[Executor]] = {}
-
-
-def register_executor(name: str):
-    def decorator(cls: type[Executor]) -> type[Executor]:
-        cls.name = name
-        EXECUTORS[name] = cls
-        return cls
-
-    return decorator
-
-
-def list_executors() -> list[str]:
-    _load_external_executors()
-    return sorted(EXECUTORS)
-
-
-def _load_external_executors() -> None:
-    # A scheduler module (e.g. the Ray executor) registers itself on import, if present.
-    try:
-        import harness.scheduler  # noqa: F401
-    except ImportError:
-        pass
-
-
-def get_executor(name: str, **kwargs) -> Executor:
-    _load_external_executors()
-    if name not in EXECUTORS:
-        raise UnknownNameError("executor", name, EXECUTORS)
-    return EXECUTORS[name](**kwargs)
-
-
-class ReusingLoader:
-    """Loads each model once and hands every cell a deep copy of the pristine model.
-
-    Loading (e.g. de-quantizing a GGUF file) can cost more than a smoke cell's evaluation. Only the
-    last model is kept, and only when it is smaller than `max_mb` (default $PTQBENCH_MODEL_CACHE_MB
-    or 4096): big models are loaded fresh for every cell instead of being held twice in memory.
-    """
-
-    def __init__(self, loader: Callable[[Cell], tuple] | None = None, max_mb: float | None = None):
-        self.loader = loader
-        self.max_mb = float(os.environ.get("PTQBENCH_MODEL_CACHE_MB", 4096)) if max_mb is None else max_mb
-        self._key: tuple | None = None
-        self._pristine: tuple | None = None
-
-    def __call__(self, cell: Cell) -> tuple:
-        import copy
-
-        key = (cell.model, cell.revision, cell.dtype, cell.device)
-        if self._key == key and self._pristine is not None:
-            model, tokenizer, adapter = self._pristine
-            model_copy, adapter_copy = copy.deepcopy((model, adapter))  # one memo: adapter refs stay consistent
-            return model_copy, tokenizer, adapter_copy
-        self._key = self._pristine = None
-        model, tokenizer, adapter = (self.loader or _default_loader)(cell)
-        size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 \
-            if isinstance(model, torch.nn.Module) else float("inf")
-        if size_mb <= self.max_mb:
-            self._key = key
-            self._pristine = (model, tokenizer, adapter)
-            model, adapter = copy.deepcopy((model, adapter))
-        return model, tokenizer, adapter
-
-
-@register_executor("local")
-class LocalExecutor(Executor):
-    """In this process, one cell after another (tests, debugging, a single machine)."""
-
-    def __init__(self, model_loader: Callable | None = None, evaluators: dict | None = None,
-                 reuse_models: bool = True):
-        self.model_loader, self.evaluators, self.reuse_models = model_loader, evaluators, reuse_models
-
-    def run(self, cells: list[Cell], store_root: Path) -> Iterator[dict[str, Any]]:
-        store = Store(store_root)
-        loader = ReusingLoader(self.model_loader) if self.reuse_models else self.model_loader
-        for cell in cells:
-            yield from run_cell(cell, store, model_loader=loader, evaluators=self.evaluators)
-
-
-# ----------------------------------------------------------------------------------------------
-# the driver
-
-
-@dataclass
-class Summary:
-    total: int = 0
-    skipped: int = 0
-    done: int = 0
-    failed: int = 0
-    diverged: int = 0  # of the failed ones: measured but above DIVERGED_PPL
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def errors(self) -> int:
-        """Failed runs that did not produce a number (crashes, NaN, OOM...)."""
-        return self.failed - self.diverged
-
-
-def plan(cells: Iterable[Cell], store: Store, retry_failed: bool = True) -> tuple[list[Cell], int]:
-    """Cells reduced to their tasks that still need running; and how many runs were skipped.
-
-    Done and diverged runs are always skipped. Other failed runs are retried by default (a failure can
-    be transient: out of memory, a killed worker); `retry_failed=False` skips them too.
-    """
-    todo, skipped = [], 0
-    for cell in cells:
-        keep = set()
-        for task in cell.tasks:
-            record = store.get(cell.run_ids[task.name])
-            status = record.get("status") if record else None
-            if status == DONE or is_diverged(record) or (status == FAILED and not retry_failed):
-                skipped += 1
-            else:
-                keep.add(task.name)
-        if keep:
-            todo.append(cell.with_tasks(keep))
-    return todo, skipped
-
-
-def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Executor = "local",
-               retry_failed: bool = True, on_record: Callable[[dict], None] | None = None) -> Summary:
-    """Run every pending (cell, task), write each record as it arrives, and summarise."""
-    store = store or Store()
-    todo, skipped = plan(cells, store, retry_failed)
-    summary = Summary(total=sum(len(c.tasks) for c in cells), skipped=skipped)
-    ex = get_executor(executor) if isinstance(executor, str) else executor
-    # Versions are read once here so every record of this invocation reports the same ones.
-    library_versions()
-    bar = progress.bar(total=sum(len(c.tasks) for c in todo), desc="matrix", leave=True, unit="run")
-    try:
-        for record in ex.run(todo, store.root):
-            store.write(record)
-            if record["status"] == DONE:
-                summary.done += 1
-            else:
-                summary.failed += 1
-                summary.diverged += is_diverged(record)
-                summary.failures.append(f"{record['run_id']} {record['model']} {record['method_label']} "
-                                        f"{record['scheme'] or '-'} {record['task']}: {record['error']}")
-            bar.update(1)
-            bar.set_postfix_str(f"{record['method_label']} {record['scheme'] or '-'} {record['task']}")
-            if on_record:
-                on_record(record)
-    finally:
-        bar.close()
-    return summary

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.runner import run_matrix
+from harness.driver import run_matrix
 from harness.spec import load_spec
 from harness.store import Store, load_results
 

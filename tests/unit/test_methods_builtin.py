@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from harness.data import calibration_windows
+from harness.driver import run_matrix
 from harness.formats import quantize
 from harness.method import CalibConfig, CalibContext, State
 from harness.models import load_model
 from harness.quant import QuantLinear, get_scheme
 from harness.registry import get_method
-from harness.runner import run_matrix
 from harness.spec import load_spec
 from harness.store import Store
 

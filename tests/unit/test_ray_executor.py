@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import run_matrix
+from harness.driver import run_matrix
 from harness.spec import load_spec
 from harness.store import Store
 
@@ -30,7 +30,7 @@ calib: {corpus: c4, n: 2, seqlen: 64}
 def cluster():
     """A 2-CPU local cluster whose workers can import the test plugin (for the kill-once method)."""
     from harness import registry
-    from harness.scheduler import init_ray
+    from harness.executors.ray import init_ray
 
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIST), saved) if p)
@@ -61,7 +61,7 @@ def die_once_cells(tmp_path, other_method: str, marker: Path):
 
 
 def test_ray_gives_the_same_numbers_as_local(tmp_path, cluster):
-    from harness.scheduler import RayExecutor
+    from harness.executors.ray import RayExecutor
 
     path = tmp_path / "spec.yaml"
     path.write_text(SPEC)
@@ -74,7 +74,7 @@ def test_ray_gives_the_same_numbers_as_local(tmp_path, cluster):
 
 
 def test_a_killed_worker_is_retried_and_the_cell_completes(tmp_path, cluster):
-    from harness.scheduler import RayExecutor
+    from harness.executors.ray import RayExecutor
 
     marker = tmp_path / "killed.txt"
     store = Store(tmp_path / "res")
@@ -88,7 +88,7 @@ def test_a_killed_worker_is_retried_and_the_cell_completes(tmp_path, cluster):
 
 
 def test_a_cell_that_keeps_dying_is_recorded_as_failed(tmp_path, cluster):
-    from harness.scheduler import RayExecutor
+    from harness.executors.ray import RayExecutor
 
     store = Store(tmp_path / "res")
     summary = run_matrix(die_once_cells(tmp_path, "fp", tmp_path / "killed.txt"), store,

@@ -12,7 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import engine_fakes  # noqa: E402
 
-from harness.runner import DIVERGED_PPL, LocalExecutor, RunFailure, check_result, run_matrix  # noqa: E402
+from harness.driver import run_matrix  # noqa: E402
+from harness.executors.local import LocalExecutor  # noqa: E402
+from harness.runner import DIVERGED_PPL, RunFailure, check_result  # noqa: E402
 from harness.spec import TaskSpec, load_spec  # noqa: E402
 from harness.store import Store  # noqa: E402
 

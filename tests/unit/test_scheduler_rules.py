@@ -1,4 +1,4 @@
-from harness.scheduler import gpus_for_model, ray_home
+from harness.executors.ray import gpus_for_model, ray_home
 
 
 def test_gpu_rule_from_model_size():
@@ -18,7 +18,7 @@ def test_ray_home_has_local_provider_config():
 
 
 def test_spec_resources_override_the_rule_and_stay_out_of_run_ids(tmp_path):
-    from harness.scheduler import RayExecutor
+    from harness.executors.ray import RayExecutor
     from harness.spec import load_spec
 
     text = """

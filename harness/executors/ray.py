@@ -1,4 +1,4 @@
-"""Ray executor: one Ray task per cell, each in a worker process, GPUs as resources.
+"""The `ray` executor: one Ray task per cell, each in a worker process, GPUs as resources.
 
 `ray.init()` starts a local cluster on this machine by default; `RAY_ADDRESS` (or `--address`) joins an
 existing cluster for multi-node runs. Workers return their records to the driver, which alone writes the
@@ -27,7 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness.runner import FAILED, Executor, base_record, one_line_error, register_executor, run_cell
+from harness.executors import Executor, register_executor
+from harness.runner import base_record, one_line_error, run_cell
+from harness.store import FAILED
 
 # model parameters (billions) -> GPUs of ~80 GB for fake-quant evaluation in bf16 with headroom
 GPU_RULE = ((10, 1), (40, 2), (80, 4), (float("inf"), 8))
