@@ -100,7 +100,7 @@ def _cmd_list(kind: str) -> None:
 
         print("\n".join(list_models()))
     elif kind == "tasks":
-        from harness.spec import task_catalog
+        from harness.spec.catalogs import task_catalog
 
         for name, task_kind in sorted(task_catalog().items()):
             print(f"{name:24s} {task_kind}")

@@ -294,7 +294,7 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
                     ref_errors[task.name] = exc
 
         stage = "calibrate"
-        method = get_method(cell.method)(cell.method_params)
+        method = get_method(cell.method)(cell.params)  # validated when the spec was expanded
         ctx = CalibContext(model=model, tokenizer=tokenizer, adapter=adapter, scheme=cell.scheme,
                            calib=CalibConfig(**cell.calib) if cell.calib else CalibConfig(), seed=cell.seed or 0,
                            device=cell.device, progress=progress.track)

@@ -1,0 +1,104 @@
+"""Loading a spec's YAML, and pointing every error at its line: `file:line: key.path: what is wrong`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from harness.errors import PtqbenchError
+from harness.spec.schema import Matrix, SpecFile
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+class SpecError(PtqbenchError, ValueError):
+    """A bad experiment spec: one line, `file:line: what is wrong; the choices`."""
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class Located:
+    """Maps a key path (e.g. ("methods", 2, "params")) to its line in the YAML file."""
+
+    def __init__(self, path: str, node: yaml.Node | None):
+        self.path, self.node = path, node
+
+    def line(self, loc: tuple) -> int | None:
+        node, best = self.node, None
+        for part in loc:
+            if node is None:
+                break
+            best = node.start_mark.line + 1
+            if isinstance(node, yaml.MappingNode):
+                nxt = None
+                for k, v in node.value:
+                    if k.value == str(part):
+                        nxt, best = v, k.start_mark.line + 1
+                        break
+                node = nxt
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+            else:
+                node = None
+        if node is not None:
+            best = node.start_mark.line + 1
+        return best
+
+    def error(self, loc: tuple, message: str) -> SpecError:
+        line = self.line(loc) if loc else None
+        where = f"{self.path}:{line}" if line else self.path
+        keys = ".".join(str(p) for p in loc)
+        return SpecError(one_line(f"{where}: {keys + ': ' if keys else ''}{message}"))
+
+
+def pydantic_error(where: Located, exc: ValidationError, prefix: tuple = (),
+                   model: type[BaseModel] | None = None) -> SpecError:
+    """One line from the most specific pydantic error, located in the file."""
+    errors = exc.errors()
+    err = next((e for e in errors if e.get("type") == "extra_forbidden"), None) or max(errors, key=lambda e: len(e["loc"]))
+    loc = tuple(err.get("loc", ()))
+    # drop union-branch labels such as 'str' or 'list[int]' that pydantic puts into the location
+    loc = prefix + tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_LABELS)))
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        owner = _owner(loc[len(prefix):-1], model)
+        allowed = f"; valid keys: {', '.join(owner.model_fields)}" if owner else ""
+        return where.error(loc, f"unknown key {loc[-1]!r}{allowed}")
+    value = err.get("input")
+    if not isinstance(value, dict):
+        msg = f"{msg} (got {value!r})"
+    return where.error(loc, msg)
+
+
+def _owner(rel: tuple, model: type[BaseModel] | None) -> type[BaseModel] | None:
+    if not rel:
+        return model
+    if model is SpecFile and len(rel) == 2 and rel[0] == "scales":
+        return Matrix
+    return None
+
+
+def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], Located]:
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path!r}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(one_line(f"{where}: malformed YAML: {problem}")) from None
+    if data is None:
+        raise SpecError(f"{path}: spec is empty; expected a mapping with models, methods, schemes, tasks")
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}:1: spec must be a mapping of keys, got {type(data).__name__}")
+    return data, Located(path, node)
