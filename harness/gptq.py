@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from harness.calib import Hessian, walk_layers
 from harness.errors import InvalidValueError, PtqbenchError
 from harness.formats import (
     Format,
@@ -189,32 +190,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Forma
     return q.to(weight.dtype), info
 
 
-# ---- layer-wise driver ---------------------------------------------------------------------------
-class Hessian:
-    """Running H = 2/n Σ x xᵀ over the rows of x (on the device of the first batch).
-
-    Accumulated in fp64 (the reference uses fp32): a BLAS splits the token sum differently with other
-    thread counts, and in fp32 that moved GPTQ's results between a 2-thread local run and a 1-CPU
-    Ray worker; in fp64 the difference stays far below fp32 resolution."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.h: torch.Tensor = torch.zeros(dim, dim)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        m = x.shape[0]
-        if m == 0:
-            return
-        if self.n == 0:
-            self.h = torch.zeros(self.dim, self.dim, device=x.device, dtype=torch.float64)
-        self.h *= self.n / (self.n + m)  # keep H an average: 2/n Σ x xᵀ with n growing
-        self.n += m
-        x = x * (2 / self.n) ** 0.5
-        self.h += x.T @ x
-
-
+# ---- layer by layer ------------------------------------------------------------------------------
 class GPTQWeights(dict):
     """{model parameter name: quantized weight (CPU)}, plus `.report`: per-layer/per-linear records
     (error, seconds, damp used), run settings, and `.report["rtn_fallback"]`: the experts (or linears)
@@ -224,61 +200,6 @@ class GPTQWeights(dict):
     def __init__(self):
         super().__init__()
         self.report: dict = {"layers": [], "linears": [], "rtn_fallback": []}
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_layer_inputs(model: nn.Module, layer: nn.Module, calib: torch.Tensor, batch_size: int) -> list[tuple]:
-    """(hidden states, kwargs) that `layer` receives, per calibration batch (the model stops there)."""
-    captured = []
-
-    def grab(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _Stop
-
-    device = next(model.parameters()).device
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(0, calib.shape[0], batch_size):
-            try:
-                model(calib[i:i + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def layer_kwargs(model: nn.Module, layers: list, calib: torch.Tensor, batch_size: int, inputs: list[tuple]):
-    """Per layer, its per-batch kwargs. Layers of another attention type than layer 0 (sliding-window
-    vs full) get another mask, captured by stopping the model at the first layer of that type."""
-    types = [getattr(view.module, "attention_type", None) for view in layers]
-    by_type = {types[0]: [kw for _, kw in inputs]}
-    for view, kind in zip(layers, types):
-        if kind not in by_type:
-            by_type[kind] = [kw for _, kw in capture_layer_inputs(model, view.module, calib, batch_size)]
-    return [by_type[kind] for kind in types]
-
-
-def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The layer's output hidden states, per batch (the layer-wise driver's step; AWQ, DartQuant use it too)."""
-    outs = []
-    for x, kw in zip(hidden, kwargs):
-        out = layer(x, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
-
-
-def _site_module(layer: nn.Module, linear: nn.Linear) -> nn.Module:
-    """The module whose forward really runs for this linear (its QuantLinear wrapper, if any)."""
-    for module in layer.modules():
-        if getattr(module, "linear", None) is linear:
-            return module
-    return linear
 
 
 def _site_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -303,13 +224,13 @@ def _stages(view, true_sequential: bool) -> list[dict]:
              "experts": tuple(e for s in stages for e in s["experts"])}]
 
 
-def _hessian_hooks(layer: nn.Module, groups: list[list[nn.Linear]], handles: list) -> dict[int, Hessian]:
+def _hessian_hooks(view, groups: list[list[nn.Linear]], handles: list) -> dict[int, Hessian]:
     """One Hessian per set of linears with the same input (and the same online transform, if any)."""
     by_linear: dict[int, Hessian] = {}
     for group in groups:
         shared: dict[int, Hessian] = {}  # id(input transform) -> Hessian
         for lin in group:
-            site = _site_module(layer, lin)
+            site = view.site_of(lin)
             key = id(getattr(site, "input_transform", None))
             if key not in shared:
                 shared[key] = Hessian(lin.in_features)
@@ -378,22 +299,17 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
     result = GPTQWeights()
     result.report["settings"] = {**solve, "true_sequential": true_sequential, "format": fmt.name,
                                  "n_windows": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[-1])}
-    layers = adapter.layers()
-    first = capture_layer_inputs(model, layers[0].module, calib_inputs, batch_size)
-    hidden = [x for x, _ in first]
-    kwargs_per_layer = layer_kwargs(model, layers, calib_inputs, batch_size, first)
-    del first
-
-    for view, kwargs in zip(progress(layers, desc="GPTQ layers"), kwargs_per_layer):
+    for step in walk_layers(model, adapter, calib_inputs, batch_size, progress=progress, desc="GPTQ layers"):
+        view = step.view
         start = time.perf_counter()
         forward_s = 0.0
         for stage in _stages(view, true_sequential):
             handles: list = []
             try:
-                hess = _hessian_hooks(view.module, stage["groups"], handles)
+                hess = _hessian_hooks(view, stage["groups"], handles)
                 expert_hess = _expert_hooks(view, stage["experts"], handles)
                 t = time.perf_counter()
-                run_layer(view.module, hidden, kwargs)
+                step.forward()
                 forward_s += time.perf_counter() - t
             finally:
                 for handle in handles:
@@ -415,7 +331,7 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
             for part, per_expert in expert_hess.items():
                 _solve_experts(view, part, per_expert, fmt, solve, names, result)
         t = time.perf_counter()
-        hidden = run_layer(view.module, hidden, kwargs)  # inputs of the next layer, through quantized weights
+        step.run()  # inputs of the next layer, through the quantized weights
         forward_s += time.perf_counter() - t
         result.report["layers"].append({"layer": view.index, "seconds": time.perf_counter() - start,
                                         "forward_seconds": forward_s})

@@ -11,59 +11,30 @@ A method is one class:
         def apply(self, model, adapter, state, scheme): ...
 
 `calibrate` must not leave changes in `ctx.model` that `apply` would not redo: the runner caches the
-returned `State` (safetensors + JSON) and, on a cache hit, calls `apply` on a fresh model without
-calling `calibrate` again.
+returned `State` (a typed dataclass, harness.state: safetensors + JSON) and, on a cache hit, calls
+`apply` on a fresh model without calling `calibrate` again.
 """
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from harness.errors import PtqbenchError
+from harness.state import State
+
+if TYPE_CHECKING:
+    from harness.models.adapters.base import DecoderAdapter
+    from harness.quant.scheme import QuantScheme
 
 
 class MethodParams(BaseModel):
     """Base for a method's hyper-parameters: typed, validated, immutable, no unknown fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
-
-
-@dataclass
-class State:
-    """What calibration produces: named tensors plus JSON-able metadata.
-
-    Saved as `<dir>/state.safetensors` + `<dir>/meta.json`, so a later run (or another spec that only
-    adds a task) reuses it without recalibrating.
-    """
-
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        # safetensors refuses shared/non-contiguous storage; give it plain CPU copies.
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.tensors.items()}
-        save_file(tensors, str(directory / "state.safetensors"))
-        (directory / "meta.json").write_text(json.dumps(self.meta, sort_keys=True, indent=1, default=str))
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "State":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        tensors = load_file(str(directory / "state.safetensors"), device=str(device))
-        meta = json.loads((directory / "meta.json").read_text())
-        return cls(tensors=tensors, meta=meta)
 
 
 @dataclass
@@ -84,8 +55,8 @@ class CalibContext:
 
     model: torch.nn.Module
     tokenizer: Any
-    adapter: Any
-    scheme: Any
+    adapter: DecoderAdapter
+    scheme: QuantScheme | None
     calib: CalibConfig
     seed: int = 0
     device: str = "cpu"
@@ -114,25 +85,13 @@ class CalibContext:
                                    seqlen or self.calib.seqlen, seed=self.seed)
 
 
-#: State tensors under this prefix are solved weights (GPTQ after a transform), keyed by parameter name.
-SOLVED_WEIGHT_PREFIX = "w."
-
-
-def solved_weight_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {SOLVED_WEIGHT_PREFIX + name: w for name, w in weights.items()}
-
-
 @torch.no_grad()
-def load_solved_weights(model: torch.nn.Module, state: "State") -> bool:
-    """Copy the solved weights a State holds into `model` in place; False when it holds none."""
+def load_solved_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    """Copy solved weights {parameter name: tensor} into `model` in place; False when there are none."""
     params = dict(model.named_parameters())
-    found = False
-    for key, w in state.tensors.items():
-        if key.startswith(SOLVED_WEIGHT_PREFIX):
-            target = params[key[len(SOLVED_WEIGHT_PREFIX):]]
-            target.copy_(w.to(device=target.device, dtype=target.dtype))
-            found = True
-    return found
+    for name, w in weights.items():
+        params[name].copy_(w.to(device=params[name].device, dtype=params[name].dtype))
+    return bool(weights)
 
 
 class Method:
@@ -142,6 +101,10 @@ class Method:
     #: Bump when a code change moves the numbers; part of every run id and calibration cache key.
     version: ClassVar[int] = 1
     Params: ClassVar[type[MethodParams]] = MethodParams
+    #: The (typed) State subclass `calibrate` returns; the calibration cache loads it back as this type.
+    state_type: ClassVar[type[State]] = State
+    #: The smallest params that still run the real algorithm (few steps): the conformance suite uses them.
+    conformance_params: ClassVar[dict[str, Any]] = {}
     #: False for methods whose `calibrate` returns nothing (no data, nothing to cache).
     needs_calibration: ClassVar[bool] = True
     #: False for methods that ignore the quantization scheme (the FP baseline): one cell, not one per scheme.

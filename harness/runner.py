@@ -12,7 +12,6 @@ import os
 import platform
 import random
 import resource
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from harness import progress
+from harness.calib import MemoryMeter
 from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
 from harness.spec import Cell, TaskSpec, versions_for
@@ -56,49 +56,6 @@ def set_seed(seed: int | None) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # measuring
-
-
-class PeakMemory:
-    """Peak CPU RSS (sampled by a thread) and peak CUDA memory while the block runs."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self.peak_rss = 0
-        self.peak_gpu = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        import psutil
-
-        proc = psutil.Process()
-        while True:
-            self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
-            if self._stop.wait(self.interval):
-                break
-
-    def __enter__(self) -> "PeakMemory":
-        import psutil
-
-        self.start_rss = psutil.Process().memory_info().rss
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        if torch.cuda.is_available():
-            self.peak_gpu = torch.cuda.max_memory_allocated()
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}_peak_mb": round(self.peak_rss / 2**20, 1),  # CPU resident set size
-               # what this phase added on top of the process (model, data) it started from
-               f"{prefix}_extra_mb": round(max(self.peak_rss - self.start_rss, 0) / 2**20, 1)}
-        if torch.cuda.is_available():
-            out[f"{prefix}_peak_gpu_mb"] = round(self.peak_gpu / 2**20, 1)
-        return out
 
 
 def process_peak_rss_mb() -> float:
@@ -226,14 +183,14 @@ def _calibrate(method: Method, ctx: CalibContext, cell: Cell, store: Store, out:
     if not method.needs_calibration:
         return method.calibrate(ctx)
     if store.has_calib(cell.calib_key):
-        state = store.load_calib(cell.calib_key, device="cpu")
+        state = store.load_calib(cell.calib_key, method.state_type, device="cpu")
         info = state.meta.get("_ptqbench", {})
         out.metrics.update(info.get("metrics", {}))
         out.metrics["calib_cached"] = 1.0
         out.timings["calib_load_s"] = 0.0
         return state
     t0 = time.perf_counter()
-    with PeakMemory() as mem:
+    with MemoryMeter(cell.device) as mem:
         state = method.calibrate(ctx)
     elapsed = time.perf_counter() - t0
     if not isinstance(state, State):

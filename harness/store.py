@@ -122,7 +122,7 @@ class Store:
 
     def has_calib(self, key: str) -> bool:
         d = self.calib_dir(key)
-        return (d / "state.safetensors").exists() and (d / "meta.json").exists()
+        return (d / "state.safetensors").exists() and (d / "state.json").exists()
 
     def save_calib(self, key: str, state) -> Path:
         """Save a `State` under the key: written to a temporary directory, then renamed into place."""
@@ -140,10 +140,11 @@ class Store:
             raise
         return final
 
-    def load_calib(self, key: str, device: str = "cpu"):
-        from harness.method import State
+    def load_calib(self, key: str, state_type: type | None = None, device: str = "cpu"):
+        """The State saved under the key, rebuilt as `state_type` (a harness.state.State subclass)."""
+        from harness.state import State
 
-        return State.load(self.calib_dir(key), device=device)
+        return (state_type or State).load(self.calib_dir(key), device=device)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

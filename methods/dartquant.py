@@ -35,11 +35,12 @@ from typing import Literal
 
 import torch
 
+from harness.calib import MemoryMeter, page_in, walk_layers
 from harness.errors import InvalidValueError
 from harness.method import CalibContext
 from harness.registry import register_method
 from harness.rotation.install import Rotations, fold_norms
-from harness.rotation.learn import MemoryMeter, page_in, orthogonality_error, qr_orth
+from harness.rotation.learn import orthogonality_error, qr_orth
 from harness.rotation.method import RotationMethod, RotationParams
 from harness.transforms import hadamard, random_hadamard
 
@@ -194,7 +195,6 @@ class DartQuant(RotationMethod):
         return r1, r2
 
     def build(self, ctx: CalibContext) -> Rotations:
-        from harness.gptq import capture_layer_inputs, layer_kwargs, run_layer
         from harness.models import get_adapter
 
         p = self.params
@@ -212,31 +212,27 @@ class DartQuant(RotationMethod):
         with MemoryMeter(device) as mem, torch.no_grad():
             # The cell's model is only read: the norm outputs are divided by the norm scales, which gives
             # exactly what the norm-folded model's readers see (x / rms(x)) without copying the model.
-            model, layers = ctx.model, ctx.adapter.layers()
-            if any((norm.weight == 0).any() for v in layers for norm in (v.attn_norm, v.mlp_norm)):
+            model, adapter = ctx.model, ctx.adapter
+            if any((norm.weight == 0).any() for v in adapter.layers() for norm in (v.attn_norm, v.mlp_norm)):
                 model = copy.deepcopy(ctx.model)  # a zero scale cannot be divided out: fold a copy
-                fold_norms(get_adapter(model))
-                layers = get_adapter(model).layers()
-            first = capture_layer_inputs(model, layers[0].module, calib, p.forward_batch)
-            hidden = [x for x, _ in first]
-            kwargs_per_layer = layer_kwargs(model, layers, calib, p.forward_batch, first)
-            del first
+                adapter = get_adapter(model)
+                fold_norms(adapter)
             residual: list[torch.Tensor] = []
-            progress = ctx.progress or (lambda it, **_: it)
 
             def take_normed(norm, _args, out):
                 residual.append(r1_sampler(out / norm.weight))
 
-            for view, kwargs in zip(progress(layers, desc="DartQuant layers"), kwargs_per_layer):
+            for step in walk_layers(model, adapter, calib, p.forward_batch, progress=ctx.progress,
+                                    desc="DartQuant layers"):
+                view = step.view
                 o_inputs: list[torch.Tensor] = []
                 handles = [
                     view.attn_norm.register_forward_hook(take_normed),
                     view.mlp_norm.register_forward_hook(take_normed),
-                    _site(view.module, view.o).register_forward_pre_hook(
-                        lambda _m, args: o_inputs.append(r2_sampler(args[0]))),
+                    view.site("o").register_forward_pre_hook(lambda _m, args: o_inputs.append(r2_sampler(args[0]))),
                 ]
                 try:
-                    hidden = run_layer(view.module, hidden, kwargs)
+                    step.run()
                 finally:
                     for h in handles:
                         h.remove()
@@ -253,7 +249,7 @@ class DartQuant(RotationMethod):
                 else:
                     r2 = init.to(torch.float64)
                 r2_final.append(r2.cpu())
-            del hidden, model
+            del model
             pooled = torch.cat(residual)
             del residual
             with torch.no_grad():
@@ -276,23 +272,16 @@ class DartQuant(RotationMethod):
         r1 = r1.detach().cpu().to(torch.float64)
         metrics = {"r1_whip_init": before["whip"], "r1_whip_final": after["whip"],
                    "r1_max_to_rms_init": before["max_to_rms"], "r1_max_to_rms_final": after["max_to_rms"],
-                   "rotation_seconds": round(seconds, 3), "rotation_peak_mb": round(mem.peak_bytes / 2**20, 1),
+                   "rotation_seconds": round(seconds, 3), "rotation_peak_mb": round(mem.extra_bytes / 2**20, 1),
                    "steps": float(steps)}
         if r2_losses:
             metrics["r2_loss_first_mean"] = sum(a for a, _ in r2_losses) / len(r2_losses)
             metrics["r2_loss_last_mean"] = sum(b for _, b in r2_losses) / len(r2_losses)
         info = {"seed": ctx.seed, "steps": steps, "r1_losses": r1_losses, "r2_losses": r2_losses,
-                "peak_bytes": mem.peak_bytes, "peak_kind": mem.kind, "rotation_seconds": seconds,
+                "peak_bytes": mem.extra_bytes, "peak_kind": mem.kind, "rotation_seconds": seconds,
                 "pooled_tokens": pooled_tokens, "pooled_bytes": pooled_bytes, "loss": p.loss,
                 "orthogonality_error": max(orthogonality_error(r) for r in [r1, *r2_final]),
                 "metrics": metrics}
         qk = hadamard(geometry.head_dim) if p.rotate_kv else None
         return Rotations(residual=r1, qk=qk, down_kind="hadamard", heads=r2_final, info=info)
 
-
-def _site(layer: torch.nn.Module, linear: torch.nn.Linear) -> torch.nn.Module:
-    """The module whose forward runs for `linear` (its wrapper, if any), for hooks."""
-    for module in layer.modules():
-        if getattr(module, "linear", None) is linear:
-            return module
-    return linear

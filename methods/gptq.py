@@ -6,12 +6,22 @@ scheme's activation/KV quantizers (the weights are already on the grid, so they 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from pydantic import Field, PositiveInt
 
-from harness.method import CalibContext, Method, MethodParams, State
+from harness.method import CalibContext, Method, MethodParams, load_solved_weights
 from harness.registry import register_method
+from harness.state import State
+
+
+@dataclass(kw_only=True)
+class GPTQState(State):
+    """The GPTQ-solved weights by parameter name (empty when the scheme keeps weights in FP)."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def weight_format(scheme: Any) -> Any:
@@ -33,6 +43,8 @@ class GPTQ(Method):
     """GPTQ (Frantar et al., 2023): layer-wise second-order weight rounding on calibration data."""
 
     version = 1
+    state_type = GPTQState
+    conformance_params = {"block_size": 32}
 
     class Params(MethodParams):
         block_size: PositiveInt = 128  # columns updated together (the paper's lazy batch)
@@ -46,10 +58,10 @@ class GPTQ(Method):
         # GPTQ sees full-precision activations during calibration: only the weight format matters.
         return {"weight": _fmt_dict(weight_format(scheme))}
 
-    def calibrate(self, ctx: CalibContext) -> State:
+    def calibrate(self, ctx: CalibContext) -> GPTQState:
         fmt = weight_format(ctx.scheme)
         if fmt is None:
-            return State(meta={"note": "scheme keeps weights in full precision; nothing to solve"})
+            return GPTQState(meta={"note": "scheme keeps weights in full precision; nothing to solve"})
         from harness.gptq import gptq_quantize_model
 
         # The solver writes the quantized weights into ctx.model as it goes (the next layer's inputs
@@ -57,20 +69,12 @@ class GPTQ(Method):
         # fresh model gives the same model.
         weights = gptq_quantize_model(ctx.model, ctx.adapter, ctx.calib_inputs(), fmt, progress=ctx.progress,
                                       **self.params.model_dump())
-        tensors = {name: w.detach().to("cpu") for name, w in dict(weights).items()}
-        report = getattr(weights, "report", {})
-        return State(tensors=tensors, meta={"weight_format": _fmt_dict(fmt), "n_weights": len(tensors),
-                                            "report": report})
+        solved = {name: w.detach().to("cpu") for name, w in dict(weights).items()}
+        return GPTQState(weights=solved, meta={"weight_format": _fmt_dict(fmt), "n_weights": len(solved),
+                                               "report": weights.report})
 
-    def apply(self, model, adapter, state: State, scheme):
-        import torch
-
+    def apply(self, model, adapter, state: GPTQState, scheme):
         from harness.quant import apply_scheme
 
-        with torch.no_grad():
-            for name, w in state.tensors.items():
-                names = dict(model.named_parameters())
-                param = names[name] if name in names else model.get_parameter(f"{name}.weight")
-                param.copy_(w.to(device=param.device, dtype=param.dtype))
-        out = apply_scheme(model, adapter, scheme, quantize_weights=False)
-        return model if out is None else out
+        load_solved_weights(model, state.weights)
+        return apply_scheme(model, adapter, scheme, quantize_weights=False)

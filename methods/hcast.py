@@ -6,11 +6,22 @@ unchanged. No calibration; the rotation is online on the input and fused into th
 """
 from __future__ import annotations
 
-from harness.method import Method, MethodParams, State
+from dataclasses import dataclass
+
+import torch
+from pydantic import PositiveInt
+
+from harness.method import Method, MethodParams
 from harness.registry import register_method
 from harness.rotation.fuse import OnlineTransform, rotate_input
 from harness.rotation.install import online_fn
+from harness.state import State
 from harness.transforms import block_diagonal, random_hadamard
+
+
+@dataclass(kw_only=True)
+class HcastState(State):
+    hadamard: torch.Tensor  # the block x block random Hadamard applied to both operands
 
 
 @register_method("hcast")
@@ -19,35 +30,32 @@ class BlockHadamardCast(Method):
 
     version = 1
     needs_calibration = False
+    state_type = HcastState
 
     class Params(MethodParams):
-        block: int = 32
+        block: PositiveInt = 32
 
-    def calibrate(self, ctx) -> State:
-        return State(tensors={"h": random_hadamard(self.params.block, ctx.seed)}, meta={"block": self.params.block})
+    def calibrate(self, ctx) -> HcastState:
+        return HcastState(hadamard=random_hadamard(self.params.block, ctx.seed), meta={"block": self.params.block})
 
-    def apply(self, model, adapter, state: State, scheme):
-        from harness.quant import QuantExperts, apply_scheme
-        from harness.quant.apply import _linear_sites, wrap_linear
+    def apply(self, model, adapter, state: HcastState, scheme):
+        from harness.quant import apply_scheme, wrap_layer
 
-        h = state.tensors["h"]
+        h = state.hadamard
         transform = OnlineTransform(apply_fn=online_fn("block", h), name=f"block Hadamard {h.shape[0]}")
 
         def rotate(weight):
             rotate_input(weight, block_diagonal(h.double(), weight.shape[-1] // h.shape[0]))
 
         for layer in adapter.layers():
-            for parent, attr in _linear_sites(layer):
-                lin = wrap_linear(parent, attr)
+            wrapped = wrap_layer(layer)
+            experts = wrapped.pop("experts", None)
+            for lin in wrapped.values():
                 rotate(lin.linear.weight)
                 lin.input_transform = transform
-            if layer.experts is not None:
-                experts = layer.experts.module
-                if not isinstance(experts, QuantExperts):
-                    experts = QuantExperts(experts)
-                    layer.experts.parent.experts = experts
-                rotate(experts.gate_up_proj)
-                rotate(experts.down_proj)
+            if experts is not None:
+                rotate(layer.experts.gate_up)
+                rotate(layer.experts.down)
                 experts.input_transform, experts.down_transform = transform, transform
         apply_scheme(model, adapter, scheme, quantize_weights=True)
         return model

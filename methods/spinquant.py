@@ -25,18 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import InvalidValueError
+from harness.calib import MemoryMeter, page_in
 from harness.method import CalibContext, scheme_to_dict
+from harness.quant import ste_quantize
 from harness.registry import register_method
 from harness.rotation.install import Rotations, install_rotations
-from harness.rotation.learn import (
-    CayleySGD,
-    MemoryMeter,
-    page_in,
-    cosine_lr,
-    orthogonality_error,
-    ste_quantize,
-    straight_through_quantizers,
-)
+from harness.rotation.learn import CayleySGD, cosine_lr, orthogonality_error
 from harness.rotation.method import RotationMethod, RotationParams
 from harness.transforms import hadamard, random_hadamard, random_orthogonal
 
@@ -88,9 +82,9 @@ class RotatedTrainingModel:
 
     Norms are folded, R3/R4 installed and the scheme's activation / KV quantizers installed; weights stay
     in full precision unless `weight_format` is given (then they are STE-quantized after rotation).
-    `loss(r1, r2s, ids)` is the mean next-token cross-entropy; call it under
-    `straight_through_quantizers()` for straight-through gradients in the KV quantizer. Two forms of the
-    same function (equal up to float rounding, see the tests):
+    `loss(r1, r2s, ids)` is the mean next-token cross-entropy; every quantizer of the copy (KV included)
+    is straight-through, so it can be backpropagated. Two forms of the same function (equal up to float
+    rounding, see the tests):
 
     * "weights" (SpinQuant's own): every reader/writer weight is rotated each step, W R1 / R1ᵀ W and R2
       per head (torch.func.functional_call). Cost per step ~ (decoder params x hidden), whatever the
@@ -102,7 +96,7 @@ class RotatedTrainingModel:
 
     def __init__(self, model, scheme, qk: torch.Tensor | None, weight_format=None, form: str = "weights"):
         from harness.models import get_adapter
-        from harness.quant import QuantExperts, apply_scheme, get_scheme
+        from harness.quant import QuantExperts, apply_scheme, get_scheme, set_straight_through
 
         if form not in ("weights", "activations"):
             raise InvalidValueError("spinquant training form", form, "weights, activations")
@@ -138,6 +132,7 @@ class RotatedTrainingModel:
             sites.append((adapter.lm_head.weight, "head", -1))
         apply_scheme(self.model, adapter, scheme, quantize_weights=False)
         self.model.requires_grad_(False)
+        set_straight_through(self.model)  # a training copy: every quantizer passes gradients straight through
         if form == "activations":
             self._install_sandwiches(adapter, scheme, QuantExperts)
             return
@@ -155,15 +150,14 @@ class RotatedTrainingModel:
             raise InvalidValueError("spinquant training form", "activations",
                                     "weights (the scheme quantizes lm_head / embeddings)")
         for layer in adapter.layers():
-            attn = layer.attn
-            attn.v_proj.register_forward_hook(self._rotate_values)  # values in the R2 basis, KV sees them
-            attn.o_proj.act_format, attn.o_proj.input_transform = None, _Sandwich(self, fmt, layer.index)
-            self._sandwiches.append(attn.o_proj.input_transform)
+            layer.site("v").register_forward_hook(self._rotate_values)  # values in the R2 basis, KV sees them
+            o = layer.site("o")
+            o.act_format, o.input_transform = None, _Sandwich(self, fmt, layer.index)
+            self._sandwiches.append(o.input_transform)
             if fmt is None:
                 continue  # no activation quantizer: nothing between R1 and its inverse
-            r1_sites = [attn.q_proj, attn.k_proj, attn.v_proj]
-            if layer.dense_mlp is not None:
-                r1_sites += [layer.dense_mlp.gate_proj, layer.dense_mlp.up_proj]
+            r1_sites = [layer.site(r) for r in ("q", "k", "v", "gate", "up", "shared_gate", "shared_up")
+                        if r in layer.sites]
             shared = [_Sandwich(self, fmt), _Sandwich(self, fmt)]  # attention input, MLP input
             for k, wrapper in enumerate(r1_sites):
                 wrapper.act_format, wrapper.input_transform = None, shared[0 if k < 3 else 1]
@@ -172,7 +166,7 @@ class RotatedTrainingModel:
                 experts.act_format, experts.input_transform = None, shared[1]
                 experts.down_transform = _Then(experts.down_transform, fmt)
             self._sandwiches += shared
-        self._layer_of = {id(adapter.layers()[i].attn.v_proj): i for i in range(adapter.num_layers)}
+        self._layer_of = {id(layer.site("v")): layer.index for layer in adapter.layers()}
 
     def _rotate_values(self, module, _args, out):
         r2 = self.current[1][self._layer_of[id(module)]]
@@ -285,7 +279,7 @@ class SpinQuant(RotationMethod):
         t0 = time.perf_counter()
         losses = []
         page_in(ctx.model)
-        with MemoryMeter(device) as mem, torch.enable_grad(), straight_through_quantizers():
+        with MemoryMeter(device) as mem, torch.enable_grad():
             form = self.training_form(ctx, p.batch_size * windows.shape[1])
             trainer = self.training_model(ctx, form)
             r1 = torch.nn.Parameter(r1_init.to(device))
@@ -309,10 +303,10 @@ class SpinQuant(RotationMethod):
         quarter = max(1, len(losses) // 4)  # means over the first / last quarter of the steps
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         metrics = {"loss_first": mean(losses[:quarter]), "loss_last": mean(losses[-quarter:]),
-                   "rotation_seconds": round(seconds, 3), "rotation_peak_mb": round(mem.peak_bytes / 2**20, 1),
+                   "rotation_seconds": round(seconds, 3), "rotation_peak_mb": round(mem.extra_bytes / 2**20, 1),
                    "steps": float(p.steps)}
         info = {"seed": ctx.seed, "init": p.init, "steps": p.steps, "form": form, "losses": losses,
-                "peak_bytes": mem.peak_bytes, "peak_kind": mem.kind, "rotation_seconds": seconds,
+                "peak_bytes": mem.extra_bytes, "peak_kind": mem.kind, "rotation_seconds": seconds,
                 "windows": list(windows.shape),
                 "orthogonality_error": max(orthogonality_error(r) for r in [r1_final, *r2_final]),
                 "metrics": metrics}

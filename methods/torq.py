@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from harness.calib import RowSample, SecondMoment
 from harness.registry import register_method
 from harness.rotation.blockstats import (
     block_energies,
@@ -40,25 +41,18 @@ class _Moments:
     """Σ = E[x xᵀ] over rows, plus a seeded sample of rows for the entropy criterion."""
 
     def __init__(self, dim: int, keep: int, seed: int):
-        self.sum = torch.zeros(dim, dim, dtype=torch.float64)
-        self.count = 0
-        self.keep, self.samples = keep, []
-        self.generator = torch.Generator().manual_seed(seed)
+        self.second, self.rows = SecondMoment(dim), RowSample(keep, seed)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += x.T @ x
-        self.count += x.shape[0]
-        take = min(x.shape[0], max(1, self.keep // 64))
-        self.samples.append(x[torch.randperm(x.shape[0], generator=self.generator)[:take]])
+        self.second.add(x)
+        self.rows.add(x)
 
     @property
     def cov(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return self.second.cov
 
     def sample(self) -> torch.Tensor:
-        rows = torch.cat(self.samples)
-        return rows[torch.randperm(rows.shape[0], generator=self.generator)[: self.keep]]
+        return self.rows.sample()
 
 
 def _normalised(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,33 @@ def wrap_experts(layer) -> QuantExperts:
     return experts
 
 
-def _linear_sites(layer) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every quantizable linear of a layer view (see LayerView.linear_sites)."""
-    return [(parent, attr) for _, parent, attr in layer.linear_sites()]
+def wrap_site(layer, role: str) -> QuantLinear | QuantExperts:
+    """The role's module wrapped for quantized execution (idempotent): a QuantLinear around a linear
+    role, a QuantExperts around the fused experts."""
+    if role == "experts":
+        return wrap_experts(layer)
+    module = layer.site(role)
+    if not isinstance(module, QuantLinear):
+        module = QuantLinear(module)
+        layer.replace_site(role, module)
+    return module
+
+
+#: readers of one input tensor: their wrappers share one activation-quantization cache
+SHARED_INPUT_ROLES = (("q", "k", "v"), ("gate", "up"), ("shared_gate", "shared_up"))
+
+
+def wrap_layer(layer, experts: bool = True) -> dict[str, QuantLinear | QuantExperts]:
+    """Every quantizable module of a layer view wrapped (idempotent): role -> wrapper; the fused experts
+    too unless `experts` is False."""
+    wrapped = {role: wrap_site(layer, role) for role in layer.linear_roles()}
+    for roles in SHARED_INPUT_ROLES:
+        readers = [wrapped[r] for r in roles if r in wrapped]
+        for reader in readers[1:]:
+            reader.share_input_cache(readers[0])
+    if experts and layer.experts is not None:
+        wrapped["experts"] = wrap_experts(layer)
+    return wrapped
 
 
 @torch.no_grad()
@@ -56,8 +80,7 @@ def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, qu
     wfmt = scheme.weight if quantize_weights else None
     attn_modules = []
     for layer in adapter.layers():
-        for _, parent, attr in layer.linear_sites():
-            wrapped = wrap_linear(parent, attr)
+        for wrapped in wrap_layer(layer, experts=False).values():
             wrapped.act_format = scheme.activation
             if keep_fp_weights:
                 wrapped.keep_fp_weight()

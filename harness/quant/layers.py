@@ -5,38 +5,12 @@ model's float dtype; what changes is the set of values the weights, activations 
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.formats import Format, get_format, quantize
-
-
-class _LastQuantizedInput:
-    """The last activation fake-quantized without a transform, so q/k/v (and gate/up), which read the
-    same tensor, quantize it once instead of three (two) times. Keyed on the tensor object itself
-    (a weak reference, so a freed tensor whose memory is reused never matches) and its version counter
-    (in-place writes invalidate it); inference only, so no autograd graph is kept alive. Tensors made
-    under torch.inference_mode have no version counter: for them the key is the object alone, which
-    holds because a layer's q/k/v (gate/up) read their input without writing to it in between."""
-
-    def __init__(self):
-        self.ref, self.version, self.fmt, self.out = None, -1, None, None
-
-    def quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return quantize(x, fmt)
-        version = -1 if x.is_inference() else x._version
-        if self.ref is not None and self.ref() is x and self.version == version and self.fmt == fmt:
-            return self.out
-        out = quantize(x, fmt)
-        self.ref, self.version, self.fmt, self.out = weakref.ref(x), version, fmt, out
-        return out
-
-
-_last_input = _LastQuantizedInput()
+from harness.quant.quantizer import InputCache, Quantizer
 
 
 class QuantLinear(nn.Module):
@@ -51,11 +25,23 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, act_format: Format | None = None, input_transform: nn.Module | None = None):
         super().__init__()
         self.linear = linear
-        self.act_format = act_format
+        self.act_quantizer = Quantizer(act_format, cache=InputCache())
         self.input_transform = input_transform
         self.weight_format: Format | None = None  # set when the weight was fake-quantized
         # non-persistent buffer: follows .to(device), stays out of state_dict
         self.register_buffer("fp_weight", None, persistent=False)
+
+    @property
+    def act_format(self) -> Format | None:
+        return self.act_quantizer.fmt
+
+    @act_format.setter
+    def act_format(self, fmt: Format | None) -> None:
+        self.act_quantizer.fmt = fmt
+
+    def share_input_cache(self, other: QuantLinear) -> None:
+        """Read the same tensor as `other` (q/k/v, gate/up): quantize it once for both."""
+        self.act_quantizer.cache = other.act_quantizer.cache
 
     @property
     def weight(self) -> torch.Tensor:
@@ -87,8 +73,7 @@ class QuantLinear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
-            return quantize(x, self.act_format) if self.act_format is not None else x
-        return _last_input.quantize(x, self.act_format) if self.act_format is not None else x
+        return self.act_quantizer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.linear.weight, self.linear.bias)
@@ -117,11 +102,19 @@ class QuantExperts(nn.Module):
         self.down_proj = experts.down_proj
         self.act_fn = experts.act_fn
         self.num_experts = experts.gate_up_proj.shape[0]
-        self.act_format = act_format
+        self.act_quantizer = Quantizer(act_format)
         self.down_transform = down_transform
         self.weight_format: Format | None = None
         self.register_buffer("fp_gate_up", None, persistent=False)
         self.register_buffer("fp_down", None, persistent=False)
+
+    @property
+    def act_format(self) -> Format | None:
+        return self.act_quantizer.fmt
+
+    @act_format.setter
+    def act_format(self, fmt: Format | None) -> None:
+        self.act_quantizer.fmt = fmt
 
     def keep_fp_weight(self) -> None:
         if self.fp_gate_up is None:
@@ -129,7 +122,7 @@ class QuantExperts(nn.Module):
             self.fp_down = self.down_proj.detach().clone()
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize(x, self.act_format) if self.act_format is not None else x
+        return self.act_quantizer(x)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
@@ -181,9 +174,10 @@ def _make_kv_attention(inner: str):
         rotation = getattr(module, "qk_rotation", None)
         if rotation is not None:  # R3: (q R)(k R)ᵀ = q kᵀ for orthogonal R, so only the quantized K sees it
             query, key = rotation(query), rotation(key)
-        fmt = getattr(module, "kv_format", None)
-        if fmt is not None:  # [batch, kv_heads, tokens, head_dim]: groups never cross heads or tokens
-            key, value = quantize(key, fmt), quantize(value, fmt)
+        quantizer = getattr(module, "kv_quantizer", None)
+        if quantizer is not None and quantizer.fmt is not None:
+            # [batch, kv_heads, tokens, head_dim]: groups never cross heads or tokens
+            key, value = quantizer(key), quantizer(value)
         return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, **kwargs)
 
     return kv_quant_attention
@@ -201,6 +195,20 @@ def _register_kv_attention(inner: str) -> str:
     return name
 
 
+def set_kv_format(attn: nn.Module, fmt: Format | None) -> None:
+    """The format K and V are fake-quantized to in this attention module (None: full precision)."""
+    quantizer = getattr(attn, "kv_quantizer", None)
+    if quantizer is None:
+        attn.kv_quantizer = Quantizer(fmt)
+    else:
+        quantizer.fmt = fmt
+
+
+def kv_format(attn: nn.Module) -> Format | None:
+    quantizer = getattr(attn, "kv_quantizer", None)
+    return quantizer.fmt if quantizer is not None else None
+
+
 def kv_quant_installed(model: nn.Module) -> bool:
     return str(getattr(model.config, "_attn_implementation", "")).startswith(KV_PREFIX)
 
@@ -216,7 +224,7 @@ def install_kv_quant(model: nn.Module, attn_modules: list[nn.Module], kv_format:
     inner = current[len(KV_PREFIX):] if current.startswith(KV_PREFIX) else current
     name = _register_kv_attention(inner)
     for attn in attn_modules:
-        attn.kv_format = kv_format
+        set_kv_format(attn, kv_format)
         if qk_rotation is not None:
             attn.qk_rotation = qk_rotation
     if current != name:

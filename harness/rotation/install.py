@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from harness.quant import QuantExperts, install_kv_quant, wrap_linear
+from harness.quant import install_kv_quant, wrap_site
 from harness.rotation.fuse import (
     OnlineTransform,
     fold_norm,
@@ -45,19 +45,14 @@ class Rotations:
     info: dict[str, Any] = field(default_factory=dict)
     heads: list[torch.Tensor] = field(default_factory=list)  # per-layer R2, see the module docstring
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"rot.{k}": v for k, v in (("residual", self.residual), ("head", self.head), ("qk", self.qk),
-                                            ("down_block", self.down_block)) if v is not None}
-        out.update({f"rot.down.{i}": m for i, m in enumerate(self.down)})
-        out.update({f"rot.heads.{i}": m for i, m in enumerate(self.heads)})
-        return {k: v.detach().to(torch.float64).contiguous() for k, v in out.items()}
+    def as_float64(self) -> Rotations:
+        """A copy with every matrix in float64 (how a calibration stores them)."""
+        def f64(t):
+            return None if t is None else t.detach().to(torch.float64).contiguous()
 
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], down_kind: str | None, info: dict | None = None) -> Rotations:
-        down = [tensors[f"rot.down.{i}"] for i in range(len([k for k in tensors if k.startswith("rot.down.")]))]
-        heads = [tensors[f"rot.heads.{i}"] for i in range(len([k for k in tensors if k.startswith("rot.heads.")]))]
-        return cls(tensors.get("rot.residual"), tensors.get("rot.head"), tensors.get("rot.qk"), down_kind, down,
-                   tensors.get("rot.down_block"), dict(info or {}), heads)
+        return Rotations(f64(self.residual), f64(self.head), f64(self.qk), self.down_kind,
+                         [f64(m) for m in self.down], f64(self.down_block), dict(self.info),
+                         [f64(m) for m in self.heads])
 
     def head_of(self, index: int) -> torch.Tensor | None:
         """R2 of layer `index`: its own from `heads` when given, else the shared `head`."""
@@ -149,18 +144,14 @@ def install_rotations(model, adapter, rot: Rotations) -> None:
         if head is not None:
             rotate_heads(layer, head, adapter)
         if rot.down_kind is not None:
-            mlp = layer.module.mlp
-            dense = mlp if layer.experts is None else getattr(mlp, "shared_expert", None)
-            if dense is not None:
-                down = wrap_linear(dense, "down_proj")
-                matrix, fn = _down_matrix(rot, layer.index, down.in_features)
-                rotate_input(down.linear.weight, matrix)
-                down.input_transform = OnlineTransform(apply_fn=fn, name=f"R4 {rot.down_kind}")
+            for role in ("down", "shared_down"):
+                if role in layer.sites:
+                    down = wrap_site(layer, role)
+                    matrix, fn = _down_matrix(rot, layer.index, down.in_features)
+                    rotate_input(down.linear.weight, matrix)
+                    down.input_transform = OnlineTransform(apply_fn=fn, name=f"R4 {rot.down_kind}")
             if layer.experts is not None:
-                experts = layer.experts.module
-                if not isinstance(experts, QuantExperts):
-                    experts = QuantExperts(experts)
-                    layer.experts.parent.experts = experts
+                experts = wrap_site(layer, "experts")
                 matrix, fn = _down_matrix(rot, layer.index, experts.down_proj.shape[-1])
                 rotate_input(experts.down_proj, matrix)
                 experts.down_transform = OnlineTransform(apply_fn=fn, name=f"R4 {rot.down_kind}")

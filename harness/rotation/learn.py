@@ -12,14 +12,12 @@ Two ways to keep a trained matrix orthogonal, used by the learned-rotation metho
   rotation is R = Q of Z = QR, with signs fixed so that diag(R) > 0 (the unique QR; for an orthogonal
   Z it returns Z itself, so initialising Z with a Hadamard starts exactly at that Hadamard).
 
-Plus the helpers both methods share: a straight-through fake quantizer, a cosine learning-rate
-schedule and a peak-memory meter for the calibration cost.
+Plus a cosine learning-rate schedule both use. (Straight-through quantizers: harness.quant.straight_through;
+the memory meter: harness.calib.MemoryMeter.)
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 
 import torch
 
@@ -86,85 +84,3 @@ class CayleySGD(torch.optim.Optimizer):
 def cosine_lr(base: float, step: int, total: int) -> float:
     """Cosine decay from `base` at step 0 towards 0 at `total` (no warm-up), as HF's "cosine" schedule."""
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
-def ste_quantize(x: torch.Tensor, fmt, **kwargs) -> torch.Tensor:
-    """Fake-quantize in the forward, identity gradient in the backward (straight-through estimator)."""
-    from harness.formats import quantize
-
-    q = quantize(x.detach(), fmt, **kwargs)
-    return x + (q - x).detach() if x.requires_grad else q
-
-
-@contextlib.contextmanager
-def straight_through_quantizers():
-    """Inside the block, the quantized execution layer (QuantLinear, QuantExperts, the KV wrapper) fake-
-    quantizes with a straight-through gradient, so losses can be backpropagated through a quantized model.
-
-    It swaps the `quantize` that harness.quant.layers calls; tests/unit/test_learned_rotations.py checks
-    that gradients do flow through every quantized site, so a change there cannot silently disable it.
-    """
-    from harness.quant import layers
-
-    original = layers.quantize
-    layers.quantize = ste_quantize
-    try:
-        yield
-    finally:
-        layers.quantize = original
-
-
-@torch.no_grad()
-def page_in(model: torch.nn.Module) -> None:
-    """Read every parameter once. Weights memory-mapped from a file (safetensors loading) join the
-    resident set only when first read; doing it before a MemoryMeter keeps that out of the peak."""
-    for p in model.parameters():
-        if p.device.type == "cpu":
-            p.detach().sum()
-
-
-class MemoryMeter:
-    """Peak extra memory while the block runs: CUDA max_memory_allocated above the start on GPU, else
-    the peak resident set size (sampled every 10 ms by a thread, psutil) above the start."""
-
-    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.01):
-        self.cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-        self.interval = interval
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-    def _sample(self) -> None:
-        while True:
-            self._peak = max(self._peak, self._rss())
-            if self._stop.wait(self.interval):
-                break
-
-    def __enter__(self) -> MemoryMeter:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self._start = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._start = self._peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak_bytes = int(torch.cuda.max_memory_allocated() - self._start)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._rss())
-            self.peak_bytes = int(self._peak - self._start)
-
-    @property
-    def kind(self) -> str:
-        return "cuda_allocated" if self.cuda else "cpu_rss"

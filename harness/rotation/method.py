@@ -7,27 +7,35 @@ the model, writes the stored weights if any, then installs the scheme's quantize
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from harness.method import (
-    CalibContext,
-    Method,
-    MethodParams,
-    State,
-    load_solved_weights,
-    solved_weight_tensors,
-)
+import torch
+from pydantic import NonNegativeFloat, PositiveInt
+
+from harness.method import CalibContext, Method, MethodParams, load_solved_weights
 from harness.rotation.install import Rotations, install_rotations
+from harness.state import State
 
 
 class RotationParams(MethodParams):
     weight_solver: Literal["rtn", "gptq"] = "gptq"
-    gptq_damp: float = 0.01
-    gptq_block_size: int = 128
+    gptq_damp: NonNegativeFloat = 0.01
+    gptq_block_size: PositiveInt = 128
+
+
+@dataclass(kw_only=True)
+class RotationState(State):
+    """The rotations (float64) and, with `weight_solver: gptq`, the GPTQ weights by parameter name;
+    `meta["info"]` keeps what the build measured (losses, timings, the method's metrics)."""
+
+    rotations: Rotations
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class RotationMethod(Method):
     Params = RotationParams
+    state_type = RotationState
 
     def build(self, ctx: CalibContext) -> Rotations:
         raise NotImplementedError
@@ -38,43 +46,42 @@ class RotationMethod(Method):
             return None
         return {"weight": scheme.weight.to_dict() if getattr(scheme, "weight", None) else None}
 
-    def calibrate(self, ctx: CalibContext) -> State:
-        rot = self.build(ctx)
-        tensors = rot.to_tensors()
-        meta = {"down_kind": rot.down_kind, "info": rot.info}
+    def calibrate(self, ctx: CalibContext) -> RotationState:
+        rot = self.build(ctx).as_float64()
+        # what the build measured (losses, timings, diagnostics) is run info, not part of the transform
+        meta: dict[str, Any] = {"info": rot.info}
+        rot.info = {}
         # learned rotations report their cost; the runner records meta["steps"] as calib_steps
         for key, meta_key in (("steps", "steps"), ("peak_bytes", "calib_peak_bytes")):
             if key in rot.info:
                 meta[meta_key] = rot.info[key]
-        self.solve_weights(ctx, lambda work, adapter: install_rotations(work, adapter, rot), tensors, meta)
-        return State(tensors=tensors, meta=meta)
+        weights = self.solve_weights(ctx, lambda work, adapter: install_rotations(work, adapter, rot), meta)
+        return RotationState(rotations=rot, weights=weights, meta=meta)
 
-    def solve_weights(self, ctx: CalibContext, install, tensors: dict, meta: dict) -> None:
-        """With `weight_solver: gptq` and a weight format: GPTQ weights of the model as `install(model, adapter)`
-        transforms it, solved on a copy, added to `tensors` (`apply` writes them instead of RTN)."""
+    def solve_weights(self, ctx: CalibContext, install, meta: dict) -> dict[str, torch.Tensor]:
+        """With `weight_solver: gptq` and a weight format: GPTQ weights {parameter name: tensor} of the model
+        as `install(model, adapter)` transforms it, solved on a copy (`apply` writes them instead of RTN)."""
         weight_fmt = getattr(ctx.scheme, "weight", None)
         if self.params.weight_solver != "gptq" or weight_fmt is None:
-            return
+            return {}
         from harness.gptq import gptq_after_transform
 
         weights = gptq_after_transform(ctx.model, install, ctx.calib_inputs(), weight_fmt,
                                        block_size=self.params.gptq_block_size, damp=self.params.gptq_damp,
                                        progress=ctx.progress)
-        tensors.update(solved_weight_tensors(weights))
         meta["gptq"] = {"n_weights": len(weights), "weight_format": weight_fmt.name}
+        return dict(weights)
 
-    def install(self, model, adapter, rot: Rotations, state: State) -> None:
+    def install(self, model, adapter, state: RotationState) -> None:
         """Fuse the method's transform into `model` (the rotations; subclasses may add their own parts)."""
-        install_rotations(model, adapter, rot)
+        install_rotations(model, adapter, state.rotations)
 
-    def apply(self, model, adapter, state: State, scheme):
+    def apply(self, model, adapter, state: RotationState, scheme):
         from harness.quant import apply_scheme
 
-        rot = Rotations.from_tensors({k: v for k, v in state.tensors.items() if k.startswith("rot.")},
-                                     state.meta.get("down_kind"), state.meta.get("info"))
-        self.install(model, adapter, rot, state)
-        self._metrics = dict((state.meta.get("info") or {}).get("metrics", {}))
-        solved = load_solved_weights(model, state)
+        self.install(model, adapter, state)
+        self._metrics = dict(state.meta.get("info", {}).get("metrics", {}))
+        solved = load_solved_weights(model, state.weights)
         apply_scheme(model, adapter, scheme, quantize_weights=not solved)
         return model
 

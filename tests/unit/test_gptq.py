@@ -10,6 +10,8 @@ import copy
 import warnings
 
 import pytest
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -236,7 +238,8 @@ def test_hessian_hook_sees_the_online_transform_and_shares_one_matrix():
     layer = nn.Module()
     layer.a, layer.b, layer.c = nn.Linear(16, 4), nn.Linear(16, 4), QuantLinear(nn.Linear(16, 4), None, Rotate())
     handles: list = []
-    hess = _hessian_hooks(layer, [[layer.a, layer.b, layer.c.linear]], handles)
+    view = SimpleNamespace(site_of=lambda lin: layer.c if lin is layer.c.linear else lin)  # as LayerView.site_of
+    hess = _hessian_hooks(view, [[layer.a, layer.b, layer.c.linear]], handles)
     x = torch.randn(10, 16, generator=torch.Generator().manual_seed(2))
     layer.a(x), layer.b(x), layer.c(x)
     for handle in handles:

@@ -14,13 +14,9 @@ from harness.models import get_adapter, make_tiny_model
 from harness.quant import apply_scheme, get_scheme
 from harness.registry import get_method
 from harness.rotation.install import Rotations, equivalence_error, install_rotations
-from harness.rotation.learn import (
-    CayleySGD,
-    orthogonality_error,
-    qr_orth,
-    ste_quantize,
-    straight_through_quantizers,
-)
+from harness.quant import ste_quantize, straight_through
+from harness.state import states_equal
+from harness.rotation.learn import CayleySGD, orthogonality_error, qr_orth
 from harness.transforms import hadamard, random_orthogonal
 
 FAMILIES = ["llama", "qwen2", "qwen3_moe"]
@@ -114,29 +110,27 @@ def test_qr_orth_latent_sgd_decreases_a_toy_objective():
 
 
 def test_straight_through_quantizers_reach_linears_experts_and_kv():
-    import harness.quant.layers as layers
-
-    original = layers.quantize
     model, _, adapter = make_tiny_model("qwen3_moe")
     apply_scheme(model, adapter, get_scheme("w4a4kv4"), quantize_weights=False)
     ids = torch.randint(0, 500, (1, 16))
-    calls = []
-    with straight_through_quantizers():
-        ste = layers.quantize
-        assert ste is ste_quantize
-        layers.quantize = lambda x, fmt, **kw: (calls.append(getattr(fmt, "name", fmt)), ste(x, fmt, **kw))[1]
-        model(ids)
-    assert layers.quantize is original  # restored on exit
-    # per layer: q, k, v, o inputs (4), experts' gate_up input (1) and each used expert's down input, K and V
-    assert calls.count("int4_asym") == 2 * 2
-    assert calls.count("int4") >= 2 * (4 + 1 + 1)
+    with torch.no_grad():
+        plain = model(ids).logits
+    with straight_through(model) as switched:
+        # per layer: the quantizers of q, k, v, o (4), the experts (1) and K/V (1), each switched
+        assert len(switched) == 2 * (4 + 1 + 1) and all(q.straight_through for q in switched)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, plain)  # same forward values
+    assert not any(q.straight_through for q in switched)  # restored on exit
     # identity gradient through an activation-quantized linear: d/dx sum(Q(x) Wᵀ) = column sums of W
-    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj = adapter.layer(0).site("q")
     x = torch.randn(5, q_proj.in_features, requires_grad=True)
-    with straight_through_quantizers():
+    with straight_through(model):
         q_proj(x).sum().backward()
     assert torch.allclose(x.grad, q_proj.weight.sum(0).expand_as(x), atol=1e-5)
     assert torch.equal(ste_quantize(x.detach(), "int4"), quantize(x.detach(), "int4"))
+    # and K/V: gradients reach the keys through the KV quantizer only in straight-through mode
+    attn = adapter.layer(0).attn
+    assert attn.kv_quantizer in switched
 
 
 # ---- per-layer R2 -------------------------------------------------------------------------------------
@@ -154,7 +148,7 @@ def test_per_layer_head_rotations_keep_logits(family, per_kv_head):
              else random_orthogonal(hd, i) for i in range(adapter.num_layers)]
     rot = Rotations(residual=random_orthogonal(adapter.hidden_size, 7), qk=hadamard(hd), down_kind="hadamard",
                     heads=heads)
-    back = Rotations.from_tensors(rot.to_tensors(), "hadamard")
+    back = rot.as_float64()
     assert len(back.heads) == adapter.num_layers and torch.equal(back.heads[1], heads[1].double())
     install_rotations(model, adapter, back)
     assert equivalence_error(ref, model, ids) <= 1e-4
@@ -193,10 +187,10 @@ def test_learned_rotations_with_quantizers_off_keep_logits(method, params, famil
     ref, rotated, ids, state, _ = calibrate_and_apply(method, params, family)
     info = state.meta["info"]
     assert info["orthogonality_error"] < 1e-10
-    assert len([k for k in state.tensors if k.startswith("rot.heads.")]) == 2
+    assert len(state.rotations.heads) == 2
     # the learned matrices moved away from their init (so the check is about learned rotations)
     init = get_method(method)(params).initial_rotations(context(family))
-    assert not torch.allclose(state.tensors["rot.residual"], init[0], atol=1e-4)
+    assert not torch.allclose(state.rotations.residual, init[0], atol=1e-4)
     assert equivalence_error(ref, rotated, ids) <= 1e-4
     assert state.meta["steps"] > 0 and state.meta["calib_peak_bytes"] >= 0
 
@@ -206,9 +200,8 @@ def test_learned_rotations_are_deterministic_per_seed(method, params):
     a = get_method(method)(params).calibrate(context(seed=0))
     b = get_method(method)(params).calibrate(context(seed=0))
     c = get_method(method)(params).calibrate(context(seed=1))
-    assert a.tensors.keys() == b.tensors.keys()
-    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    assert not torch.equal(a.tensors["rot.residual"], c.tensors["rot.residual"])
+    assert states_equal(a, b, meta=False)
+    assert not torch.equal(a.rotations.residual, c.rotations.residual)
 
 
 def test_spinquant_two_training_forms_agree():
@@ -223,7 +216,7 @@ def test_spinquant_two_training_forms_agree():
         for form in ["weights", "activations"]:
             trainer = method.training_model(ctx, form)
             x1, x2 = r1.clone().requires_grad_(True), [r.clone().requires_grad_(True) for r in r2]
-            with torch.enable_grad(), straight_through_quantizers():
+            with torch.enable_grad():
                 loss = trainer.loss(x1, x2, ids)
                 loss.backward()
             losses.append(float(loss.detach()))
@@ -254,7 +247,7 @@ def test_spinquant_beats_its_hadamard_init_on_its_quantized_loss(scheme):
     state = method.calibrate(ctx)
     ids = ctx.training_windows(method.params.samples, method.params.seqlen)
     r1, r2 = method.initial_rotations(ctx)
-    learned = Rotations.from_tensors({k: v for k, v in state.tensors.items() if k.startswith("rot.")}, "hadamard")
+    learned = state.rotations
     before = method.objective(ctx, Rotations(residual=r1, heads=r2), ids)
     after = method.objective(ctx, learned, ids)
     assert after < before - 0.02, (before, after)
@@ -289,7 +282,7 @@ def test_dartquant_whip_loss_decreases_and_flattens_activations():
     # on activations of held-out windows, collected independently: fewer outliers than the Hadamard init
     x = residual_rows(ctx.model, ctx.adapter, held_out(ctx.tokenizer))
     r1_init = get_method("dartquant")(DART).initial_rotations(ctx)[0].float()
-    r1 = state.tensors["rot.residual"].float()
+    r1 = state.rotations.residual.float()
     ratio = lambda y: float((y.abs().amax(-1) / y.pow(2).mean(-1).sqrt()).mean())  # noqa: E731
     whip = lambda y: float(torch.exp(-y.abs()).sum(-1).mean())  # noqa: E731
     assert whip(x @ r1) < whip(x @ r1_init)
@@ -302,7 +295,7 @@ def test_dartquant_quant_mse_loss_lowers_the_schemes_activation_error():
     state = get_method("dartquant")(params).calibrate(ctx)
     x = residual_rows(ctx.model, ctx.adapter, held_out(ctx.tokenizer))
     r1_init = get_method("dartquant")(params).initial_rotations(ctx)[0].float()
-    r1 = state.tensors["rot.residual"].float()
+    r1 = state.rotations.residual.float()
     err = lambda y: float((quantize(y, "mxfp4") - y).pow(2).sum(-1).mean())  # noqa: E731
     assert err(x @ r1) < err(x @ r1_init)
     # the activation format is part of the calibration key only with that loss
@@ -314,7 +307,7 @@ def test_dartquant_quant_mse_loss_lowers_the_schemes_activation_error():
 def test_learned_rotations_with_gptq_and_quantizers_on_run():
     ref, rotated, ids, state, _ = calibrate_and_apply("dartquant", {**DART, "weight_solver": "gptq"},
                                                       eval_scheme="w4a4kv4")
-    assert any(k.startswith("w.") for k in state.tensors)
+    assert state.weights
     with torch.no_grad():
         out = rotated(ids).logits
     assert torch.isfinite(out).all() and not torch.allclose(out, ref)

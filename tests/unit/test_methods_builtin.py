@@ -37,7 +37,7 @@ def test_fp_is_the_loaded_model(data):
     calib, test = data
     fresh, _, _ = load_model("tiny-llama")
     model, state = run_method("fp", "w4a4", calib)
-    assert state.tensors == {} and not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert state == State() and not any(isinstance(m, QuantLinear) for m in model.modules())
     assert torch.equal(model(test).logits, fresh(test).logits)
     cls = get_method("fp")
     assert not cls.uses_scheme and not cls.needs_calibration and not cls.uses_seed
@@ -69,7 +69,7 @@ def test_gptq_beats_rtn_on_held_out_logits(data, scheme):
     err_rtn = (rtn(test).logits - ref).pow(2).mean().item()
     err_gptq = (gptq(test).logits - ref).pow(2).mean().item()
     assert err_gptq < err_rtn
-    assert len(state.tensors) == 14 and state.meta["report"]["settings"]["block_size"] == 128
+    assert len(state.weights) == 14 and state.meta["report"]["settings"]["block_size"] == 128
 
 
 def test_gptq_cached_state_rebuilds_the_same_model(data, tmp_path):
@@ -78,7 +78,7 @@ def test_gptq_cached_state_rebuilds_the_same_model(data, tmp_path):
     state.save(tmp_path / "s")
     fresh, _, adapter = load_model("tiny-llama")
     method = get_method("gptq")({"act_order": True})
-    rebuilt = method.apply(fresh, adapter, State.load(tmp_path / "s"), get_scheme("w4a4"))
+    rebuilt = method.apply(fresh, adapter, method.state_type.load(tmp_path / "s"), get_scheme("w4a4"))
     assert torch.equal(rebuilt(test).logits, model(test).logits)
 
 
@@ -93,7 +93,7 @@ def test_gptq_without_weight_format_only_installs_activation_quantizers(data):
     calib, test = data
     model, state = run_method("gptq", "mxfp4_a", calib)
     fresh, _, _ = load_model("tiny-llama")
-    assert state.tensors == {}
+    assert state.weights == {}
     for name, w in decoder_weights(fresh).items():
         assert torch.equal(model.get_parameter(name.replace("_proj.weight", "_proj.linear.weight")), w)
     assert any(isinstance(m, QuantLinear) and m.act_format is not None for m in model.modules())

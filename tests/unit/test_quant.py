@@ -11,6 +11,7 @@ from harness.errors import InvalidValueError, UnknownNameError
 from harness.formats import get_format, quantize
 from harness.models import make_tiny_model
 from harness.quant import (
+    set_kv_format,
     QuantExperts,
     QuantLinear,
     QuantScheme,
@@ -259,7 +260,7 @@ def test_kv_quantization_quantizes_k_after_rope_and_v_per_head(family):
     assert torch.equal(layer0[2], quantize(fp0[2], fmt)) and torch.equal(layer0[3], quantize(fp0[3], fmt))
     # off again: bit-identical to the plain model
     for layer in adapter.layers():
-        layer.attn.kv_format = None
+        set_kv_format(layer.attn, None)
     assert torch.equal(logits(model, tok), ref)
 
 
@@ -306,7 +307,7 @@ def test_generation_runs_with_kv_quantization():
 
 def test_shared_inputs_are_quantized_once_with_the_same_result(monkeypatch):
     """q/k/v read one tensor, gate/up another: with the cache, each is quantized once per layer."""
-    import harness.quant.layers as layers
+    import harness.quant.quantizer as quantizer
 
     model, tok, adapter = make_tiny_model("llama")
     apply_scheme(model, adapter, "w4a4")
@@ -317,7 +318,7 @@ def test_shared_inputs_are_quantized_once_with_the_same_result(monkeypatch):
         calls.append(tuple(x.shape))
         return quantize(x, fmt, *args, **kwargs)
 
-    monkeypatch.setattr(layers, "quantize", counting)
+    monkeypatch.setattr(quantizer, "quantize", counting)
     with torch.no_grad():
         cached = model(ids).logits
     per_layer = len(calls) / model.config.num_hidden_layers

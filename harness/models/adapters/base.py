@@ -71,6 +71,7 @@ class Experts:
     top_k: int
     shared: nn.Module | None = None  # shared expert MLP (Qwen2-MoE), plain nn.Linear layers
     shared_gate: nn.Module | None = None  # sigmoid gate of the shared expert, Linear [1, H]; FP
+    attr: str = "experts"  # `parent.<attr>` is `module`
 
     @property
     def gate_up(self) -> nn.Parameter:
@@ -98,7 +99,7 @@ class Experts:
 
     def set_module(self, module: nn.Module) -> None:
         """Swap the experts module inside its MoE block (e.g. for a quantizing replacement)."""
-        self.parent.experts = module
+        setattr(self.parent, self.attr, module)
         self.module = module
 
 
@@ -150,6 +151,44 @@ class LayerView:
     q_norm: nn.Module | None = None  # Qwen3 (per head) / OLMoE (whole projection) QK-norm, after q_proj
     k_norm: nn.Module | None = None
     dense_mlp: nn.Module | None = None  # the module holding gate_proj/up_proj/down_proj (MLP or shared expert)
+    #: role -> (parent module, attribute): where each part of the layer lives (set by the adapter)
+    sites: dict[str, tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
+
+    # ---- roles: the live module of each part, by role (no model attribute names outside adapters) ----
+    def roles(self) -> list[str]:
+        """The roles this layer has: q, k, v, o, gate, up, down (dense MLP) or shared_gate, shared_up,
+        shared_down, router, experts, shared_expert, shared_expert_gate (MoE); attn, mlp, attn_norm, mlp_norm."""
+        return list(self.sites)
+
+    def site(self, role: str) -> nn.Module:
+        """The live module of a role: what the layer's forward calls (a QuantLinear / QuantExperts
+        wrapper once the harness wrapped it, else the model's own module)."""
+        if role not in self.sites:
+            from harness.errors import UnknownNameError
+
+            raise UnknownNameError(f"role of layer {self.index}", role, self.sites)
+        parent, attr = self.sites[role]
+        return getattr(parent, attr)
+
+    def replace_site(self, role: str, module: nn.Module) -> None:
+        """Put `module` where the role's module is (a wrapper around it, or a replacement)."""
+        parent, attr = self.sites[role]
+        setattr(parent, attr, module)
+        if role == "experts" and self.experts is not None:
+            self.experts.module = module
+
+    def site_of(self, linear: nn.Module) -> nn.Module:
+        """The module whose forward really runs for this nn.Linear (its wrapper, if any)."""
+        for role in self.linear_roles():
+            module = self.site(role)
+            if module is linear or getattr(module, "linear", None) is linear:
+                return module
+        return linear
+
+    def linear_roles(self) -> list[str]:
+        """Roles of the quantizable nn.Linears, in layer order (routers excluded, experts are fused)."""
+        return [r for r in ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+                if r in self.sites]
 
     # names kept short and stable: they are keys in reports and weight dictionaries
     @property
@@ -186,13 +225,8 @@ class LayerView:
         return {"q": self.q, "k": self.k, "v": self.v, "o": self.o, **self.mlp_linears}
 
     def linear_sites(self) -> list[tuple[str, nn.Module, str]]:
-        """(short name, parent module, attribute) of every quantizable nn.Linear: where to put a wrapper."""
-        sites = [("q", self.attn, "q_proj"), ("k", self.attn, "k_proj"), ("v", self.attn, "v_proj"),
-                 ("o", self.attn, "o_proj")]
-        if self.dense_mlp is not None:
-            prefix = "" if self.experts is None else "shared_"
-            sites += [(f"{prefix}{p}", self.dense_mlp, f"{p}_proj") for p in ("gate", "up", "down")]
-        return sites
+        """(role, parent module, attribute) of every quantizable nn.Linear: where to put a wrapper."""
+        return [(role, *self.sites[role]) for role in self.linear_roles()]
 
     def groups(self) -> list[LinearGroup]:
         """The layer's weights grouped by shared input, in execution order."""
@@ -347,12 +381,16 @@ class DecoderAdapter:
         view = LayerView(index, layer, attn, layer.input_layernorm, _linear(attn.q_proj), _linear(attn.k_proj),
                          _linear(attn.v_proj), _linear(attn.o_proj), layer.post_attention_layernorm, mlp=mlp,
                          q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
+        view.sites = {"attn": (layer, "self_attn"), "mlp": (layer, "mlp"), "attn_norm": (layer, "input_layernorm"),
+                      "mlp_norm": (layer, "post_attention_layernorm"),
+                      **{r: (attn, f"{r}_proj") for r in ("q", "k", "v", "o")}}
         if hasattr(mlp, "experts"):
             self._moe_view(view, mlp)
         else:
             view.dense_mlp = mlp
             view.mlp_in = [_linear(mlp.gate_proj), _linear(mlp.up_proj)]
             view.mlp_out = [_linear(mlp.down_proj)]
+            view.sites.update({r: (mlp, f"{r}_proj") for r in ("gate", "up", "down")})
         return view
 
     def _moe_view(self, view: LayerView, block: nn.Module) -> None:
@@ -362,10 +400,15 @@ class DecoderAdapter:
         top_k = getattr(router, "top_k", None) or self.config.num_experts_per_tok
         view.experts = Experts(block.experts, router, block, int(top_k), shared, shared_gate)
         view.router_linears = [router] + ([shared_gate] if shared_gate is not None else [])
+        view.sites.update({"router": (block, self.router_attr), "experts": (block, "experts")})
+        if shared_gate is not None:
+            view.sites["shared_expert_gate"] = (block, self.shared_gate_attr)
         if shared is not None:
             view.dense_mlp = shared
             view.mlp_in = [_linear(shared.gate_proj), _linear(shared.up_proj)]
             view.mlp_out = [_linear(shared.down_proj)]
+            view.sites["shared_expert"] = (block, self.shared_expert_attr)
+            view.sites.update({f"shared_{r}": (shared, f"{r}_proj") for r in ("gate", "up", "down")})
 
     # ---- weights -----------------------------------------------------------------------------
     def linear_weights(self, layer: LayerView | int | None = None) -> Iterator[WeightRef]:
