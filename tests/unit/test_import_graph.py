@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("harness", "methods")
 
 
-def module_files() -> dict[str, Path]:
+def module_files(root: Path = ROOT, packages=PACKAGES) -> dict[str, Path]:
     """Dotted module name -> file, for every .py under the packages."""
     out = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             out[".".join(parts)] = path
@@ -55,8 +55,8 @@ def _deepest(name: str, modules: dict) -> str | None:
     return None
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = module_files()
+def import_graph(root: Path = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
+    modules = module_files(root, packages)
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -100,6 +100,25 @@ def test_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "harness.errors" in graph["harness.registry"]
     assert "harness.formats.kernels" in graph["harness.formats"]  # imported inside a function
+
+
+def test_graph_rules_on_a_toy_tree(tmp_path):
+    files = {
+        "pkg/__init__.py": "from pkg.a import f\n",
+        "pkg/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import b\nelse:\n    import os\n",
+        "pkg/b.py": "from . import a\nfrom .sub.c import g\ndef late():\n    import pkg.sub.c.g.attr\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/c.py": "from ..a import f\nfrom pkg import sub\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg"] == {"pkg.a"}
+    assert graph["pkg.a"] == set()  # the TYPE_CHECKING import does not count; os is outside the packages
+    assert graph["pkg.b"] == {"pkg", "pkg.a", "pkg.sub.c"}  # `from . import a` names the package and a
+    assert graph["pkg.sub.c"] == {"pkg.a", "pkg", "pkg.sub"}
+    assert find_cycle(graph) is None
 
 
 def test_find_cycle_reports_the_cycle():
