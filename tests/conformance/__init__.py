@@ -1,0 +1,1 @@
+"""Checks every registered method (built-in or entry-point plugin) must pass."""
