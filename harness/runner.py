@@ -24,6 +24,7 @@ from harness import progress
 from harness.calib import MemoryMeter
 from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
+from harness.quant.scheme import QuantScheme, get_scheme
 from harness.spec import Cell, TaskSpec, versions_for
 from harness.store import DONE, FAILED, Store
 
@@ -205,6 +206,11 @@ def _calibrate(method: Method, ctx: CalibContext, cell: Cell, store: Store, out:
     return state
 
 
+def calib_scheme(cell: Cell) -> QuantScheme:
+    """The cell's scheme as calibration sees it: a QuantScheme always (16-bit when the method ignores schemes)."""
+    return get_scheme(cell.scheme if cell.scheme is not None else "w16a16")
+
+
 def _group_tasks(tasks: list[TaskSpec]) -> list[list[TaskSpec]]:
     """lm-eval tasks with identical settings are evaluated in one call; everything else one by one."""
     groups: dict[Any, list[TaskSpec]] = {}
@@ -252,7 +258,7 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
 
         stage = "calibrate"
         method = get_method(cell.method)(cell.params)  # validated when the spec was expanded
-        ctx = CalibContext(model=model, tokenizer=tokenizer, adapter=adapter, scheme=cell.scheme,
+        ctx = CalibContext(model=model, tokenizer=tokenizer, adapter=adapter, scheme=calib_scheme(cell),
                            calib=CalibConfig(**cell.calib) if cell.calib else CalibConfig(), seed=cell.seed or 0,
                            device=cell.device, progress=progress.track)
         set_seed(cell.seed)

@@ -7,6 +7,8 @@ optional R3 = I ⊗ H_b on Q/K. Weights GPTQ (the paper's choice) or RTN.
 """
 from __future__ import annotations
 
+from pydantic import PositiveInt
+
 from harness.registry import register_method
 from harness.rotation.install import Rotations
 from harness.rotation.method import RotationMethod, RotationParams
@@ -18,9 +20,10 @@ class BlockRotation(RotationMethod):
     """Block-diagonal randomised Hadamard rotations with block = the MX block."""
 
     version = 1
+    conformance_params = {"weight_solver": "rtn"}
 
     class Params(RotationParams):
-        block: int = 32
+        block: PositiveInt = 32
         rotate_kv: bool = True
 
     def build(self, ctx):

@@ -34,6 +34,7 @@ import time
 from typing import Literal
 
 import torch
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from harness.calib import MemoryMeter, page_in, walk_layers
 from harness.errors import InvalidValueError
@@ -150,24 +151,26 @@ class DartQuant(RotationMethod):
     """R1/R2 fitted to cached activations with the whip loss (QR-Orth + SGD), Hadamard R3/R4."""
 
     version = 1
+    conformance_params = {"weight_solver": "rtn", "r1_epochs": 1, "r1_batch_tokens": 128, "r1_token_fraction": 0.5,
+                          "r2_epochs": 1, "r2_batch_tokens": 128, "r2_accumulation": 1, "forward_batch": 4}
 
     class Params(RotationParams):
-        r1_epochs: int = 10
-        r1_lr: float = 1.5e-3
-        r1_batch_tokens: int = PAPER_BATCH_TOKENS
-        r1_token_fraction: float = 0.1
-        r2_epochs: int = 10
-        r2_lr: float = 1e-3
-        r2_batch_tokens: int = PAPER_BATCH_TOKENS
-        r2_accumulation: int = 2
-        r2_token_fraction: float = 1.0
-        momentum: float = 0.9
+        r1_epochs: NonNegativeInt = 10
+        r1_lr: PositiveFloat = 1.5e-3
+        r1_batch_tokens: PositiveInt = PAPER_BATCH_TOKENS
+        r1_token_fraction: float = Field(0.1, gt=0, le=1)
+        r2_epochs: NonNegativeInt = 10
+        r2_lr: PositiveFloat = 1e-3
+        r2_batch_tokens: PositiveInt = PAPER_BATCH_TOKENS
+        r2_accumulation: PositiveInt = 2
+        r2_token_fraction: float = Field(1.0, gt=0, le=1)
+        momentum: float = Field(0.9, ge=0, lt=1)
         train_r1: bool = True
         train_r2: bool = True
         r2_per_kv_head: bool = True
         loss: Literal["whip", "quant_mse"] = "whip"
         rotate_kv: bool = True  # R3 on Q/K
-        forward_batch: int = 8  # calibration windows per forward while collecting (speed/memory only)
+        forward_batch: PositiveInt = 8  # calibration windows per forward while collecting (speed/memory only)
 
     def calib_scheme_key(self, scheme):
         key = super().calib_scheme_key(scheme)
@@ -179,7 +182,7 @@ class DartQuant(RotationMethod):
     def _loss_fn(self, ctx: CalibContext):
         if self.params.loss == "whip":
             return whip_loss
-        fmt = getattr(ctx.scheme, "activation", None)
+        fmt = ctx.scheme.activation
         if fmt is None:
             raise InvalidValueError("dartquant loss", "quant_mse", "a scheme with an activation format (or loss: whip)")
         return quant_mse_loss(fmt)

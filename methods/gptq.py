@@ -24,14 +24,6 @@ class GPTQState(State):
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def weight_format(scheme: Any) -> Any:
-    """The scheme's weight format (None when weights stay in full precision)."""
-    for attr in ("weight", "weight_format", "weights"):
-        if hasattr(scheme, attr):
-            return getattr(scheme, attr)
-    return None
-
-
 def _fmt_dict(fmt: Any) -> Any:
     if fmt is None or isinstance(fmt, (str, dict)):
         return fmt
@@ -56,10 +48,10 @@ class GPTQ(Method):
 
     def calib_scheme_key(self, scheme: Any) -> Any:
         # GPTQ sees full-precision activations during calibration: only the weight format matters.
-        return {"weight": _fmt_dict(weight_format(scheme))}
+        return {"weight": _fmt_dict(scheme.weight if scheme is not None else None)}
 
     def calibrate(self, ctx: CalibContext) -> GPTQState:
-        fmt = weight_format(ctx.scheme)
+        fmt = ctx.scheme.weight
         if fmt is None:
             return GPTQState(meta={"note": "scheme keeps weights in full precision; nothing to solve"})
         from harness.gptq import gptq_quantize_model

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from harness.errors import InvalidValueError
 from harness.calib import MemoryMeter, page_in
@@ -225,14 +226,15 @@ class SpinQuant(RotationMethod):
     """Learned R1 + per-layer R2 (Cayley SGD on the quantized network's cross-entropy), Hadamard R3/R4."""
 
     version = 1
+    conformance_params = {"weight_solver": "rtn", "steps": 2, "samples": 2, "seqlen": 32, "batch_size": 2}
 
     class Params(RotationParams):
-        steps: int = 100
-        lr: float = 1.5
-        momentum: float = 0.0  # SpinQuant's SGDG is used without momentum
-        samples: int | None = 800  # training windows; None: the cell's calibration windows
-        seqlen: int | None = 2048  # None: the cell's calibration seqlen
-        batch_size: int = 8
+        steps: PositiveInt = 100
+        lr: PositiveFloat = 1.5
+        momentum: float = Field(0.0, ge=0, lt=1)  # SpinQuant's SGDG is used without momentum
+        samples: PositiveInt | None = 800  # training windows; None: the cell's calibration windows
+        seqlen: PositiveInt | None = 2048  # None: the cell's calibration seqlen
+        batch_size: PositiveInt = 8
         train_r2: bool = True
         rotate_kv: bool = True  # R3 on Q/K
         weight_quant_in_loop: bool = False  # RTN pipeline: weights STE-quantized during training
@@ -256,8 +258,7 @@ class SpinQuant(RotationMethod):
         p = self.params
         if p.form != "auto":
             return p.form
-        scheme = ctx.scheme
-        if p.weight_quant_in_loop or getattr(scheme, "lm_head", False) or getattr(scheme, "embeddings", False):
+        if p.weight_quant_in_loop or ctx.scheme.lm_head or ctx.scheme.embeddings:
             return "weights"
         d = ctx.adapter.hidden_size
         weight_cost = d * sum(w.numel() for w in ctx.adapter.weight_tensors().values())
@@ -267,7 +268,7 @@ class SpinQuant(RotationMethod):
     def training_model(self, ctx: CalibContext, form: str = "weights") -> RotatedTrainingModel:
         p = self.params
         qk = hadamard(ctx.adapter.head_dim) if p.rotate_kv else None
-        wfmt = getattr(ctx.scheme, "weight", None) if p.weight_quant_in_loop else None
+        wfmt = ctx.scheme.weight if p.weight_quant_in_loop else None
         return RotatedTrainingModel(ctx.model, ctx.scheme, qk, wfmt, form)
 
     def build(self, ctx: CalibContext) -> Rotations:

@@ -20,6 +20,7 @@ mean over layers for down_proj inputs).
 from __future__ import annotations
 
 import torch
+from pydantic import PositiveInt
 
 from harness.calib import RowSample, SecondMoment
 from harness.registry import register_method
@@ -66,14 +67,15 @@ class TORQ(RotationMethod):
     """Two-level (inter-block Schur–Horn equalisation + intra-block max-entropy) rotations for MXFP4."""
 
     version = 1
+    conformance_params = {"weight_solver": "rtn", "samples": 64, "candidates": 2}
     uses_seed = False  # closed form from calibration moments (fixed sampling): one cell, not one per seed
 
     class Params(RotationParams):
         inter: bool = True  # stage 1
         intra: bool = True  # stage 2
-        block: int = 32
-        candidates: int = 8  # sign-randomised Hadamards among the stage-2 candidates
-        samples: int = 1024  # calibration rows kept for the entropy criterion
+        block: PositiveInt = 32
+        candidates: PositiveInt = 8  # sign-randomised Hadamards among the stage-2 candidates
+        samples: PositiveInt = 1024  # calibration rows kept for the entropy criterion
         online_down: bool = True  # the two-level transform before down_proj (per layer)
 
     def _two_level(self, moments: _Moments, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

@@ -53,15 +53,15 @@ class RotationMethod(Method):
         rot.info = {}
         # learned rotations report their cost; the runner records meta["steps"] as calib_steps
         for key, meta_key in (("steps", "steps"), ("peak_bytes", "calib_peak_bytes")):
-            if key in rot.info:
-                meta[meta_key] = rot.info[key]
+            if key in meta["info"]:
+                meta[meta_key] = meta["info"][key]
         weights = self.solve_weights(ctx, lambda work, adapter: install_rotations(work, adapter, rot), meta)
         return RotationState(rotations=rot, weights=weights, meta=meta)
 
     def solve_weights(self, ctx: CalibContext, install, meta: dict) -> dict[str, torch.Tensor]:
         """With `weight_solver: gptq` and a weight format: GPTQ weights {parameter name: tensor} of the model
         as `install(model, adapter)` transforms it, solved on a copy (`apply` writes them instead of RTN)."""
-        weight_fmt = getattr(ctx.scheme, "weight", None)
+        weight_fmt = ctx.scheme.weight
         if self.params.weight_solver != "gptq" or weight_fmt is None:
             return {}
         from harness.gptq import gptq_after_transform
