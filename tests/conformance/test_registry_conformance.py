@@ -13,8 +13,8 @@ Per method, on a tiny dense model (llama) and a tiny MoE (qwen3_moe):
 
 A method may refuse a model or a scheme only with a one-line `PtqbenchError` (the check is then skipped
 with the reason); any other exception fails. To stay fast each method runs with its `conformance_params`
-class attribute (the smallest params that still run the real algorithm), or with `FAST_PARAMS[name]`
-below until the method defines it; calibrations are cached and shared between the checks.
+class attribute (the smallest params that still run the real algorithm); calibrations are cached and
+shared between the checks.
 """
 from __future__ import annotations
 
@@ -45,24 +45,9 @@ EVAL_WINDOWS = (2, 64)  # held-out windows for the quantizers-off check
 OFF_TOLERANCE = 1e-4
 SEED = 0
 
-#: Fallback for methods that do not define `conformance_params` yet (move these into the classes).
-FAST_PARAMS: dict[str, dict[str, Any]] = {
-    "awq": {"n_grid": 4, "clip_grid": 4, "clip_tokens": 64, "batch_size": 4},
-    "brq": {"weight_solver": "rtn"},
-    "dartquant": {"weight_solver": "rtn", "r1_epochs": 1, "r1_batch_tokens": 128, "r1_token_fraction": 0.5,
-                  "r2_epochs": 1, "r2_batch_tokens": 128, "r2_accumulation": 1, "forward_batch": 4},
-    "flatquant": {"epochs": 1, "batch_size": 4},
-    "gptq": {"block_size": 32},
-    "ostquant": {"weight_solver": "rtn", "steps": 2, "batch_size": 2, "top_k": 16},
-    "quarot": {},  # keeps the default GPTQ weight solver: the suite's cover of solved weights in a rotation state
-    "spinquant": {"weight_solver": "rtn", "steps": 2, "samples": 2, "seqlen": 32, "batch_size": 2},
-    "torq": {"weight_solver": "rtn", "samples": 64, "candidates": 2},
-}
-
-
 def conformance_params(name: str) -> dict[str, Any]:
     cls = get_method(name)
-    return dict(getattr(cls, "conformance_params", None) or FAST_PARAMS.get(name, {}))
+    return dict(cls.conformance_params)  # quarot's {} keeps its GPTQ solver: solved weights in a rotation state
 
 
 # ---- shared calibrations -----------------------------------------------------------------------------
