@@ -144,6 +144,9 @@ def calibration_windows(tokenizer: Any, corpus: str = "c4", n: int = 128, seqlen
         raise UnknownNameError("calibration corpus", corpus, CALIB_CORPORA)
     if n < 1 or seqlen < 2:
         raise InvalidValueError("calibration size (n, seqlen)", (n, seqlen), "n >= 1 and seqlen >= 2")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        # random.Random(-1) draws what random.Random(1) draws: a negative seed would silently alias another
+        raise InvalidValueError("calibration seed", seed, "an integer 0 <= seed < 2**63")
     split = split or CALIB_CORPORA[corpus]
     rng = random.Random(seed)
     info: dict[str, Any] = {"corpus": corpus, "split": split, "n": n, "seqlen": seqlen, "seed": seed,

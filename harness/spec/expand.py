@@ -18,7 +18,8 @@ import harness.spec.catalogs as catalogs
 from harness.errors import PtqbenchError
 from harness.spec.cells import Cell, TaskSpec
 from harness.spec.hashing import calib_key, run_id
-from harness.spec.locate import Located, SpecError, load_yaml, one_line, pydantic_error
+from harness.spec.locate import Located, SpecError, load_yaml, one_line, pydantic_error, short
+from harness.spec.schema import valid_seed
 from harness.spec.schema import (KIND_SETTINGS, MERGED_MAPPINGS, RULE_KEYS, CalibSettings, Matrix, MethodEntry,
                                  SpecFile)
 
@@ -156,6 +157,12 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
             if isinstance(entry.params, list) and entry.label:
                 label = f"{entry.label}[{j}]"
             methods.append((cls, validated, label, ploc))
+    seen_labels: dict[str, tuple] = {}
+    for _, _, label, mloc in methods:
+        if label in seen_labels:
+            raise where.error(mloc, f"method label {label!r} is used twice (also at line "
+                              f"{where.line(seen_labels[label])}): results would be pooled; give each a distinct label")
+        seen_labels[label] = mloc
 
     # schemes
     schemes = []
@@ -168,6 +175,10 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
             raise where.error(loc("schemes", i), str(exc)) from None
         except (TypeError, ValueError, ValidationError) as exc:
             raise where.error(loc("schemes", i), f"invalid scheme {entry!r}: {one_line(exc)}") from None
+        earlier = [k for k, (name, _, _) in enumerate(schemes[:-1]) if name == schemes[-1][0]]
+        if earlier:
+            raise where.error(loc("schemes", i), f"scheme {schemes[-1][0]!r} is listed twice (also at line "
+                              f"{where.line(loc('schemes', earlier[0]))}): results would be pooled")
 
     # task defaults, then tasks
     defaults = {}
@@ -178,11 +189,17 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
             raise pydantic_error(where, exc, loc(kind), model) from None
     tasks = _resolve_tasks(where, _need(where, merged, origin, "tasks", scale, spec), defaults, loc)
 
-    calib_raw = merged.get("calib") or {}
+    calib_raw = merged.get("calib")
+    if calib_raw is None:
+        calib_raw = {}
+    if isinstance(calib_raw, list) and not calib_raw:
+        raise where.error(loc("calib"), "calib list is empty; give a mapping {corpus, n, seqlen} or a list of them")
     calib_list = calib_raw if isinstance(calib_raw, list) else [calib_raw]
     calibs = []
     for j, c in enumerate(calib_list):
         cloc = loc("calib") + ((j,) if isinstance(calib_raw, list) else ())
+        if not isinstance(c, dict):
+            raise where.error(cloc, f"a calib entry is a mapping {{corpus, n, seqlen}}, got {short(c)}")
         try:
             calibs.append(CalibSettings.model_validate(c).model_dump())
         except ValidationError as exc:
@@ -197,6 +214,9 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
     seeds = merged.get("seeds") if merged.get("seeds") is not None else [0]
     if not seeds:
         raise where.error(loc("seeds"), "seeds is empty: the matrix would have no cells")
+    for j, seed in enumerate(seeds):
+        if not valid_seed(seed):
+            raise where.error(loc("seeds", j), f"invalid seed {short(seed)}; valid: an integer 0 <= seed < 2**63")
     include = merged.get("include") or []
     exclude = merged.get("exclude") or []
     for key, rules in (("include", include), ("exclude", exclude)):
@@ -278,8 +298,8 @@ def _check_rule(where: Located, rloc: tuple, rule: Any, labels: list[str] = ()) 
                     raise where.error(rloc + (key,), f"unknown task {v!r}; choose one of: {', '.join(sorted(catalog))}")
         elif key == "seed":
             for v in values:
-                if not isinstance(v, int):
-                    raise where.error(rloc + (key,), f"seed must be an integer, got {v!r}")
+                if not valid_seed(v):
+                    raise where.error(rloc + (key,), f"invalid seed {short(v)}; valid: an integer 0 <= seed < 2**63")
 
 
 def _value_matches(rule_value: Any, actual: Any) -> bool:

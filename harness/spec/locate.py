@@ -18,8 +18,31 @@ class SpecError(PtqbenchError, ValueError):
     """A bad experiment spec: one line, `file:line: what is wrong; the choices`."""
 
 
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
+#: The most characters of a user-supplied value (or a whole message) an error echoes.
+ECHO_LIMIT = 200
+
+
+def one_line(text: object, limit: int = 4 * ECHO_LIMIT) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def short(value: object, limit: int = ECHO_LIMIT) -> str:
+    """repr(value), cut to `limit` characters: an error never echoes a huge value."""
+    try:
+        text = reprlib_repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not hide the error
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def reprlib_repr(value: object) -> str:
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = ECHO_LIMIT, ECHO_LIMIT, 8, 8, 4
+    return r.repr(value)
 
 
 class Located:

@@ -57,7 +57,7 @@ class Matrix(Strict):
     methods: list[Any] | None = None
     schemes: list[Any] | None = None
     tasks: list[Any] | None = None
-    seeds: list[int] | None = None
+    seeds: list[Any] | None = None  # checked one by one in expand (valid_seed): bools and negatives rejected
     calib: Union[dict[str, Any], list[Any]] | None = None
     ppl: dict[str, Any] | None = None
     lm_eval: dict[str, Any] | None = None
@@ -84,4 +84,12 @@ class SpecFile(Matrix):
 
 #: Keys a scale merges into the top level key by key (every other key it replaces).
 MERGED_MAPPINGS = ("ppl", "lm_eval", "kl")
+SEED_LIMIT = 2 ** 63
+
+
+def valid_seed(value: Any) -> bool:
+    """A seed is a non-negative int below 2**63 (bool is not an int here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT
+
+
 RULE_KEYS = ("model", "method", "params", "scheme", "seed", "task")

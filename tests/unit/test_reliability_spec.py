@@ -1,0 +1,114 @@
+"""Reliability probe regressions for spec loading (toy catalogs from tests/fixtures/engine_fakes.py)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+import engine_fakes  # noqa: E402
+
+from harness.errors import InvalidValueError, PtqbenchError  # noqa: E402
+from harness.spec import SpecError, load_spec  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def toys(monkeypatch):
+    engine_fakes.install(monkeypatch)
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """
+models: [tiny-a]
+methods: [fp, toy_rtn, {name: toy_calib, params: {spread: 0.1}}]
+schemes: [w8, w4]
+tasks: [toy_ppl]
+ppl: {seqlen: 32, max_windows: 2}
+calib: {n: 2, seqlen: 16}
+seeds: [0, 1]
+"""
+
+
+def _err(tmp_path, text) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text)).cells()
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+# defect 3 ----------------------------------------------------------------------------------
+def test_duplicate_method_labels_rejected(tmp_path):
+    text = BASE.replace("methods: [fp, toy_rtn,", "methods: [fp, {name: toy_rtn, label: x}, {name: fp, label: x},")
+    msg = _err(tmp_path, text)
+    assert "'x'" in msg and "twice" in msg and "spec.yaml:" in msg
+
+
+def test_same_method_listed_twice_rejected(tmp_path):
+    msg = _err(tmp_path, BASE.replace("methods: [fp, toy_rtn,", "methods: [fp, toy_rtn, toy_rtn,"))
+    assert "'toy_rtn'" in msg and "twice" in msg
+
+
+def test_duplicate_scheme_names_rejected(tmp_path):
+    msg = _err(tmp_path, BASE.replace("schemes: [w8, w4]", "schemes: [w8, w4, w8]"))
+    assert "'w8'" in msg and "twice" in msg and "spec.yaml:4" in msg
+
+
+def test_distinct_labels_still_fine(tmp_path):
+    text = BASE.replace("methods: [fp, toy_rtn,", "methods: [fp, toy_rtn, {name: toy_calib, label: a, params: {spread: 0.2}},")
+    labels = {c.method_label for c in load_spec(write(tmp_path, text)).cells()}
+    assert {"a", "toy_calib"} <= labels
+
+
+# defect 4 ----------------------------------------------------------------------------------
+def test_empty_calib_list_rejected(tmp_path):
+    msg = _err(tmp_path, BASE.replace("calib: {n: 2, seqlen: 16}", "calib: []"))
+    assert "calib" in msg and "empty" in msg and "spec.yaml:7" in msg
+
+
+@pytest.mark.parametrize("value", ["[5]", "[[]]", "['c4']", "[{n: 2, seqlen: 16}, 3]"])
+def test_non_mapping_calib_rejected(tmp_path, value):
+    msg = _err(tmp_path, BASE.replace("calib: {n: 2, seqlen: 16}", f"calib: {value}"))
+    assert "calib" in msg and "mapping" in msg
+
+
+@pytest.mark.parametrize("value", ["5", "c4", "true"])
+def test_scalar_calib_rejected(tmp_path, value):
+    with pytest.raises(SpecError):
+        load_spec(write(tmp_path, BASE.replace("calib: {n: 2, seqlen: 16}", f"calib: {value}")))
+
+
+def test_empty_calib_in_scale_rejected(tmp_path):
+    text = BASE + "scales:\n  s: {calib: []}\n"
+    with pytest.raises(SpecError, match="calib list is empty"):
+        load_spec(write(tmp_path, text))
+
+
+# defect 7 ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", ["-1", "true", "false", str(2 ** 63), str(2 ** 70), "1.0", "'3'"])
+def test_bad_seeds_rejected(tmp_path, seed):
+    msg = _err(tmp_path, BASE.replace("seeds: [0, 1]", f"seeds: [0, {seed}]"))
+    assert "seed" in msg and "2**63" in msg and "spec.yaml:8" in msg
+
+
+def test_largest_seed_accepted(tmp_path):
+    cells = load_spec(write(tmp_path, BASE.replace("seeds: [0, 1]", f"seeds: [0, {2 ** 63 - 1}]"))).cells()
+    assert {c.seed for c in cells} >= {0, 2 ** 63 - 1}
+
+
+@pytest.mark.parametrize("seed", ["-1", "true", str(2 ** 64)])
+def test_bad_rule_seed_rejected(tmp_path, seed):
+    msg = _err(tmp_path, BASE + f"exclude: [{{seed: {seed}}}]\n")
+    assert "seed" in msg
+
+
+@pytest.mark.parametrize("seed", [-1, True, 2 ** 63, 1.0])
+def test_calibration_windows_rejects_bad_seed(seed):
+    from harness.data.text import calibration_windows
+
+    with pytest.raises(InvalidValueError):
+        calibration_windows(None, "c4", n=1, seqlen=4, seed=seed)
