@@ -17,20 +17,33 @@ one scale per KV channel is shared by the query heads of its group (expanded wit
 Routers (and Qwen2-MoE's shared-expert gate) read the normed residual too: their weights get the
 scale (they stay in full precision, so that is exact) but never count as quantized readers.
 Folding runs in float64 and casts back to each parameter's dtype.
+
+A smoothing state is typed: `LayerScales` per decoder layer ({site: s}, `fold_scales`) and, for a
+method that clips, `LayerClips` ({reader: max|w| per row and group}, `clip_weights`). The layer-wise
+methods see a layer's site inputs through `site_input_hooks`: `SiteStats` keeps their per-channel
+statistics (harness.calib.ChannelStats), `LayerCapture` the inputs and block outputs themselves.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from harness.errors import UnknownNameError
+from harness.calib import ChannelStats
+from harness.errors import InvalidValueError, UnknownNameError
 
 NORM_SITES = ("qkv", "mlp_in")  # fed by an RMSNorm (SmoothQuant's sites)
 PAIR_SITES = ("o", "down", "experts_down")  # fed by a linear whose output rows absorb the scale
 SITES = ("qkv", "o", "mlp_in", "down", "experts_down")  # execution order inside a layer
 SITE_SETS = {"norms": NORM_SITES, "all": SITES}
+
+#: one decoder layer's smoothing scales: site -> s (the scale shapes of the table above)
+LayerScales = dict[str, torch.Tensor]
+#: one decoder layer's clip values: reader ("v", "experts.down", ...) -> max|w| [out, groups] ([E, out, groups])
+LayerClips = dict[str, torch.Tensor]
 
 
 def site_set(name: str) -> tuple[str, ...]:
@@ -39,12 +52,10 @@ def site_set(name: str) -> tuple[str, ...]:
     return SITE_SETS[name]
 
 
-def _module(view, linear: nn.Linear) -> nn.Module:
-    """The module whose forward runs for `linear` (its QuantLinear wrapper if it has one)."""
-    for module in view.module.modules():
-        if getattr(module, "linear", None) is linear:
-            return module
-    return linear
+def _down_role(view) -> str | None:
+    """The role of the linear reading act(gate) * up: the dense MLP's down, or the shared expert's."""
+    role = "down" if view.experts is None else "shared_down"
+    return role if role in view.sites else None
 
 
 def layer_sites(view, wanted: tuple[str, ...] = SITES) -> list[str]:
@@ -157,50 +168,67 @@ def fold_scale(view, site: str, s: torch.Tensor, geometry) -> None:
     raise UnknownNameError("smoothing site", site, SITES)
 
 
-def scale_key(layer: int, site: str) -> str:
-    return f"scale.{layer}.{site}"
+def fold_layer_scales(view, scales: LayerScales, geometry) -> int:
+    """Fold one layer's scales into it, sites in execution order; returns how many were folded."""
+    unknown = [site for site in scales if site not in SITES]
+    if unknown:
+        raise UnknownNameError("smoothing site", unknown[0], SITES)
+    for site in SITES:
+        if site in scales:
+            fold_scale(view, site, scales[site], geometry)
+    return len(scales)
 
 
-def fold_scales(adapter, tensors: dict[str, torch.Tensor]) -> int:
-    """Fold every `scale.{layer}.{site}` tensor of a state into the model, sites in execution order;
-    returns how many were folded."""
+def _per_layer(adapter, values: list, what: str) -> list:
+    views = adapter.layers()
+    if values and len(values) != len(views):
+        raise InvalidValueError(f"number of layers of smoothing {what}", len(values),
+                                f"{len(views)} (one per decoder layer) or 0")
+    return list(zip(views, values))
+
+
+def fold_scales(adapter, scales: list[LayerScales]) -> int:
+    """Fold per-layer scales (one {site: s} per decoder layer, or none at all) into the model, sites
+    in execution order; returns how many were folded."""
     geometry = adapter.attention
+    return sum(fold_layer_scales(view, layer, geometry) for view, layer in _per_layer(adapter, scales, "scales"))
+
+
+@contextmanager
+def folded(view, scales: LayerScales, geometry):
+    """The layer with its scales folded in (as `fold_scales` will), restored bit for bit on exit."""
+    saved = {k: v.clone() for k, v in view.module.state_dict().items()}
+    try:
+        fold_layer_scales(view, scales, geometry)
+        yield view
+    finally:
+        view.module.load_state_dict(saved)
+
+
+def clamp_weight(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """w [..., out, in] clamped to [-m, m] per (row, group); max_val [..., out, groups] (fp32)."""
+    groups = max_val.shape[-1]
+    g = w.shape[-1] // groups
+    wg = w.float().reshape(*w.shape[:-1], groups, g)
+    m = max_val.to(wg.device)[..., None]
+    return torch.clamp(wg, -m, m).reshape(w.shape).to(w.dtype)
+
+
+@torch.no_grad()
+def clip_weights(adapter, clips: list[LayerClips]) -> int:
+    """Clamp every reader weight that has clip values (one {reader: max|w|} per decoder layer, or none
+    at all) in place; returns how many were clamped."""
     n = 0
-    for view in adapter.layers():
-        for site in SITES:
-            s = tensors.get(scale_key(view.index, site))
-            if s is not None:
-                fold_scale(view, site, s, geometry)
-                n += 1
+    for view, layer in _per_layer(adapter, clips, "clip values"):
+        for site in layer_sites(view, SITES):
+            for name, w in readers(view, site).items():
+                if name in layer:
+                    w.data.copy_(clamp_weight(w.data, layer[name]))
+                    n += 1
     return n
 
 
-# ---- input statistics ------------------------------------------------------------------------
-class ChannelStats:
-    """Running per-channel max|x| and mean|x| over the tokens seen (channels = last dim)."""
-
-    def __init__(self):
-        self.absmax: torch.Tensor | None = None
-        self.abssum: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        if x.shape[0] == 0:
-            return
-        a = x.abs().float()
-        m, s = a.amax(0).cpu(), a.sum(0, dtype=torch.float64).cpu()
-        if self.absmax is None:
-            self.absmax, self.abssum = m, s
-        else:
-            self.absmax, self.abssum = torch.maximum(self.absmax, m), self.abssum + s
-        self.count += x.shape[0]
-
-    @property
-    def absmean(self) -> torch.Tensor | None:
-        return None if self.abssum is None else (self.abssum / max(self.count, 1)).float()
-
-
+# ---- site inputs -----------------------------------------------------------------------------
 def site_input_hooks(view, sites: tuple[str, ...] | list[str], callback: Callable[..., None]) -> list:
     """Forward hooks that call `callback(site, x, expert=None)` with each site's input as the layer
     runs. Experts: `experts_down` gives each expert's down input (expert=e), the pseudo-site
@@ -212,17 +240,13 @@ def site_input_hooks(view, sites: tuple[str, ...] | list[str], callback: Callabl
             callback(site, args[0] if args else kwargs["hidden_states"])
         return hook
 
-    if "qkv" in sites:
-        handles.append(view.attn.register_forward_pre_hook(pre_hook("qkv"), with_kwargs=True))
-    if "mlp_in" in sites:
-        handles.append(view.mlp.register_forward_pre_hook(pre_hook("mlp_in"), with_kwargs=True))
-    if "o" in sites:
-        handles.append(_module(view, view.o).register_forward_pre_hook(pre_hook("o"), with_kwargs=True))
-    if "down" in sites and view.mlp_out:
-        handles.append(_module(view, view.mlp_out[0]).register_forward_pre_hook(pre_hook("down"), with_kwargs=True))
+    down = _down_role(view)
+    for site, role in (("qkv", "attn"), ("mlp_in", "mlp"), ("o", "o"), ("down", down)):
+        if site in sites and role is not None:
+            handles.append(view.site(role).register_forward_pre_hook(pre_hook(site), with_kwargs=True))
     if view.experts is not None and ("experts_down" in sites or "experts_in" in sites):
         hook = _experts_hook(callback, "experts_in" in sites, "experts_down" in sites)
-        handles.append(view.experts.module.register_forward_hook(hook, with_kwargs=True))
+        handles.append(view.site("experts").register_forward_hook(hook, with_kwargs=True))
     return handles
 
 
@@ -246,29 +270,16 @@ def _experts_hook(callback, give_in: bool, give_down: bool):
     return hook
 
 
-class SiteStats:
-    """ChannelStats of every site of every layer (per expert for experts_down)."""
+class _Hooked:
+    """Context manager base: `_hooks()` registers the hooks on enter, exit removes them."""
 
-    def __init__(self, adapter, sites: tuple[str, ...]):
-        self.adapter = adapter
-        self.sites = sites
-        self.stats: dict[tuple[int, str], ChannelStats | list[ChannelStats]] = {}
-        self.handles: list = []
+    handles: list
 
-    def __enter__(self) -> SiteStats:
-        for view in self.adapter.layers():
-            wanted = layer_sites(view, self.sites)
-            for site in wanted:
-                n = view.experts.num_experts if site == "experts_down" else 0
-                self.stats[(view.index, site)] = [ChannelStats() for _ in range(n)] if n else ChannelStats()
+    def _hooks(self) -> list:
+        raise NotImplementedError
 
-            def callback(site, x, expert=None, index=view.index, wanted=tuple(wanted)):
-                if site not in wanted:
-                    return
-                entry = self.stats[(index, site)]
-                (entry[expert] if expert is not None else entry).add(x)
-
-            self.handles += site_input_hooks(view, wanted, callback)
+    def __enter__(self):
+        self.handles = self._hooks()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -276,29 +287,156 @@ class SiteStats:
             handle.remove()
         self.handles = []
 
-    def absmax(self, layer: int, site: str, dim: int) -> torch.Tensor:
+
+class SiteStats(_Hooked):
+    """ChannelStats of the input of each site of one layer (per expert for experts_down), filled while
+    the layer runs inside the `with` block."""
+
+    def __init__(self, view, sites: tuple[str, ...]):
+        self.view = view
+        self.sites = layer_sites(view, sites)
+        n = view.experts.num_experts if view.experts is not None else 0
+        self.stats = {site: [ChannelStats() for _ in range(n)] if site == "experts_down" else ChannelStats()
+                      for site in self.sites}
+
+    def _hooks(self) -> list:
+        def add(site, x, expert=None):
+            if site in self.stats:
+                entry = self.stats[site]
+                (entry[expert] if expert is not None else entry).add(x)
+        return site_input_hooks(self.view, self.sites, add)
+
+    def absmax(self, site: str) -> torch.Tensor:
         """max |x_j| per channel ([E, dim] for experts_down); zeros where no token was seen."""
-        entry = self.stats[(layer, site)]
+        dim = next(iter(readers(self.view, site).values())).shape[-1]
+        entry = self.stats[site]
         if isinstance(entry, list):
             return torch.stack([e.absmax if e.absmax is not None else torch.zeros(dim) for e in entry])
         return entry.absmax if entry.absmax is not None else torch.zeros(dim)
 
 
-@torch.no_grad()
-def run_calibration(model: nn.Module, inputs: torch.Tensor, batch_size: int = 8, progress=None) -> int:
-    """Forward the calibration windows through the model (hooks do the work); returns the batches run."""
-    device = next(model.parameters()).device
-    starts = range(0, inputs.shape[0], batch_size)
-    if progress is not None:
-        starts = progress(starts, desc="calibration forward")
-    n = 0
-    for i in starts:
-        model(inputs[i:i + batch_size].to(device), use_cache=False)
-        n += 1
-    return n
+@contextmanager
+def swapped(pairs: list[tuple[nn.Parameter, torch.Tensor]]):
+    """Temporarily replace parameters' data (restored on exit)."""
+    old = [p.data for p, _ in pairs]
+    try:
+        for p, new in pairs:
+            p.data = new
+        yield
+    finally:
+        for (p, _), data in zip(pairs, old):
+            p.data = data
 
 
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class LayerCapture(_Hooked):
+    """What one FP decoder layer sees on the calibration batches, captured while it runs inside the
+    `with` block: the attention's calls (args, kwargs) and outputs, the MLP's inputs and outputs, the
+    o/down inputs, the tokens routed to each expert and each expert's down input."""
+
+    def __init__(self, view):
+        self.view = view
+        self.attn_calls: list[tuple[tuple, dict]] = []
+        self.attn_out: list[torch.Tensor] = []
+        self.mlp_in: list[torch.Tensor] = []
+        self.mlp_out: list[torch.Tensor] = []
+        self.inputs: dict[str, list[torch.Tensor]] = {"o": [], "down": []}
+        n = view.experts.num_experts if view.experts is not None else 0
+        self.experts_in: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self.experts_down: list[list[torch.Tensor]] = [[] for _ in range(n)]
+
+    def _hooks(self) -> list:
+        attn, mlp = self.view.site("attn"), self.view.site("mlp")
+
+        def attn_pre(_m, args, kwargs):
+            self.attn_calls.append((args, dict(kwargs)))
+
+        def mlp_pre(_m, args, kwargs):
+            self.mlp_in.append(args[0] if args else kwargs["hidden_states"])
+
+        def callback(site, x, expert=None):
+            if site == "experts_in":
+                self.experts_in[expert].append(x)
+            elif site == "experts_down":
+                self.experts_down[expert].append(x)
+            else:
+                self.inputs[site].append(x)
+
+        return [attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
+                attn.register_forward_hook(lambda _m, _a, _kw, out: self.attn_out.append(_first(out)),
+                                           with_kwargs=True),
+                mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True),
+                mlp.register_forward_hook(lambda _m, _a, _kw, out: self.mlp_out.append(_first(out)),
+                                          with_kwargs=True),
+                *site_input_hooks(self.view, ("o", "down", "experts_down", "experts_in"), callback)]
+
+    def site_inputs(self, site: str, expert: int | None = None) -> torch.Tensor:
+        """[tokens, channels] input of a site (of one expert for experts_down / experts_in; empty when no
+        token was routed to it)."""
+        if site == "qkv":
+            parts = [args[0] if args else kw["hidden_states"] for args, kw in self.attn_calls]
+        elif site == "mlp_in":
+            parts = self.mlp_in
+        elif site in ("experts_down", "experts_in"):
+            parts = (self.experts_down if site == "experts_down" else self.experts_in)[expert]
+            if not parts:
+                return torch.empty(0)
+        else:
+            parts = self.inputs[site]
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+
+    def block_mse(self, site: str, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> float:
+        """Mean squared error of the site's block output (the attention for qkv, the MLP or sparse-MoE
+        block for mlp_in) against the captured FP output, rerun with parameters' data swapped."""
+        if site == "qkv":
+            module, calls, refs = self.view.site("attn"), self.attn_calls, self.attn_out
+        elif site == "mlp_in":
+            module, calls, refs = self.view.site("mlp"), [((x,), {}) for x in self.mlp_in], self.mlp_out
+        else:
+            raise UnknownNameError("smoothing block", site, ("qkv", "mlp_in"))
+        total, count = 0.0, 0
+        with swapped(pairs):
+            for (args, kw), ref in zip(calls, refs):
+                out = _first(module(*args, **kw))
+                total += float((out.float() - ref.float()).pow(2).sum())
+                count += ref.numel()
+        return total / max(count, 1)
+
+
+# ---- summaries -------------------------------------------------------------------------------
 def disparity(absmax: torch.Tensor) -> float:
     """Channel-range disparity of a per-channel max|x| vector: max_j / mean_j (1 = flat)."""
     a = absmax.float().reshape(-1)
     return float(a.max() / a.mean().clamp_min(1e-12))
+
+
+def geomean(values: list[float]) -> float:
+    """Geometric mean of the positive values (NaN when there are none)."""
+    values = [v for v in values if v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+class Disparity:
+    """Channel-range disparity of what a smoothing scale acts on, before and after: per smoothed vector
+    that saw tokens (each expert's own for experts_down) max_j / mean_j of the activations' max|x_j|
+    (after: divided by s) and of the weights' max|W_:,j| (after: times s); `metrics()` gives their
+    geometric means (`act_disparity_before`, ..., `weight_disparity_after`)."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {"act_before": [], "act_after": [], "weight_before": [],
+                                               "weight_after": []}
+
+    def add(self, act: torch.Tensor, weight: torch.Tensor, s: torch.Tensor) -> None:
+        for a_row, w_row, s_row in zip(act.reshape(-1, act.shape[-1]), weight.reshape(-1, weight.shape[-1]),
+                                       s.reshape(-1, s.shape[-1])):
+            if a_row.max() > 0:
+                self.values["act_before"].append(disparity(a_row))
+                self.values["act_after"].append(disparity(a_row / s_row))
+                self.values["weight_before"].append(disparity(w_row))
+                self.values["weight_after"].append(disparity(w_row * s_row))
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{k.split('_')[0]}_disparity_{k.split('_')[1]}": geomean(v) for k, v in self.values.items()}

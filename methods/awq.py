@@ -19,9 +19,10 @@ down after its own up):
    partial dot products on up to 512 strided calibration tokens wins. q and k are not clipped (as the
    reference). Routers stay in full precision: scaled (exactly) but never searched or clipped.
 
-State: `scale.{layer}.{site}` and `clip.{layer}.{reader}` ([out, groups], [E, out, groups] for fused
-experts). `apply` folds the scales, clamps the weights and installs the scheme with RTN weights, so a
-cached state reproduces the calibrated model exactly. `steps` = grid points evaluated (scale + clip).
+State (`AWQState`): per decoder layer, the scale of each site and the clip values of each clipped
+reader ([out, groups], [E, out, groups] for fused experts). `apply` folds the scales, clamps the
+weights and installs the scheme with RTN weights, so a cached state reproduces the calibrated model
+exactly. `steps` = grid points evaluated (scale + clip).
 Deviations: under GQA the v->o scale is one per KV channel, shared by the query heads of its group (the
 reference skips v->o when KV heads < heads); calibration text is the harness corpus (paper: 128 x 512
 Pile-val tokens); clip tokens are strided over every captured token (the reference: over one batch).
@@ -29,42 +30,43 @@ Pile-val tokens); clip tokens are strided over every captured token (the referen
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
+from harness.calib import walk_layers
 from harness.formats import get_format, quantize
-from harness.method import CalibContext, Method, MethodParams, State
+from harness.method import CalibContext, Method, MethodParams
 from harness.registry import register_method
 from harness.smoothing import (
-    SITES,
-    fold_scale,
+    LayerCapture,
+    LayerClips,
+    LayerScales,
+    clamp_weight,
+    clip_weights,
     fold_scales,
+    folded,
+    geomean,
     layer_sites,
     reader_scale,
     readers,
-    scale_key,
-    site_input_hooks,
     site_set,
     tie_o,
 )
+from harness.state import State
 
 NO_CLIP = ("q", "k")  # the reference does not clip the query/key projections
 
 
-def clip_key(layer: int, reader: str) -> str:
-    return f"clip.{layer}.{reader}"
+@dataclass(kw_only=True)
+class AWQState(State):
+    """Per decoder layer: the searched scale of each site ({site: s}) and the clip values of each
+    clipped reader ({reader: max|w| per row and group}; empty without the clip search)."""
 
-
-def clamp_weight(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
-    """w [..., out, in] clamped to [-m, m] per (row, group); max_val [..., out, groups] (fp32)."""
-    groups = max_val.shape[-1]
-    g = w.shape[-1] // groups
-    wg = w.float().reshape(*w.shape[:-1], groups, g)
-    m = max_val.to(wg.device)[..., None]
-    return torch.clamp(wg, -m, m).reshape(w.shape).to(w.dtype)
+    scales: list[LayerScales] = field(default_factory=list)
+    clips: list[LayerClips] = field(default_factory=list)
 
 
 def _group_size(fmt, in_features: int) -> int:
@@ -135,161 +137,75 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, fmt, n_grid: int = 20, max_shr
     return best_val, first_err, float(best_err.mean())
 
 
-@contextmanager
-def _swapped(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]):
-    """Temporarily replace parameters' data (restored on exit)."""
-    old = [p.data for p, _ in pairs]
-    try:
-        for p, new in pairs:
-            p.data = new
-        yield
-    finally:
-        for (p, _), data in zip(pairs, old):
-            p.data = data
-
-
-class _LayerCapture:
-    """What one FP decoder layer sees on the calibration batches: the attention's and the MLP's
-    inputs (attention: with its kwargs) and outputs, o/down inputs, the tokens routed to each expert
-    and each expert's down input."""
-
-    def __init__(self, view):
-        self.view = view
-        self.attn_calls: list[tuple[tuple, dict]] = []
-        self.attn_out: list[torch.Tensor] = []
-        self.mlp_in: list[torch.Tensor] = []
-        self.mlp_out: list[torch.Tensor] = []
-        self.inputs: dict[str, list[torch.Tensor]] = {"o": [], "down": []}
-        n = view.experts.num_experts if view.experts is not None else 0
-        self.experts_in: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self.experts_down: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self.handles: list = []
-
-    def __enter__(self) -> _LayerCapture:
-        view = self.view
-
-        def attn_pre(_m, args, kwargs):
-            self.attn_calls.append((args, dict(kwargs)))
-
-        def attn_post(_m, _args, _kwargs, out):
-            self.attn_out.append(out[0] if isinstance(out, tuple) else out)
-
-        def mlp_pre(_m, args, kwargs):
-            self.mlp_in.append(args[0] if args else kwargs["hidden_states"])
-
-        def mlp_post(_m, _args, _kwargs, out):
-            self.mlp_out.append(out[0] if isinstance(out, tuple) else out)
-
-        def callback(site, x, expert=None):
-            if site == "experts_in":
-                self.experts_in[expert].append(x)
-            elif site == "experts_down":
-                self.experts_down[expert].append(x)
-            else:
-                self.inputs[site].append(x)
-
-        self.handles = [view.attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
-                        view.attn.register_forward_hook(attn_post, with_kwargs=True),
-                        view.mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True),
-                        view.mlp.register_forward_hook(mlp_post, with_kwargs=True)]
-        self.handles += site_input_hooks(view, ("o", "down", "experts_down", "experts_in"), callback)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def site_inputs(self, site: str, expert: int | None = None) -> torch.Tensor:
-        """[tokens, channels] input of a site (of one expert for experts_down / experts_in)."""
-        if site == "qkv":
-            parts = [args[0] if args else kw["hidden_states"] for args, kw in self.attn_calls]
-        elif site == "mlp_in":
-            parts = self.mlp_in
-        elif site in ("experts_down", "experts_in"):
-            parts = (self.experts_down if site == "experts_down" else self.experts_in)[expert]
-            if not parts:
-                return torch.empty(0)
-        else:
-            parts = self.inputs[site]
-        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
-
-
 @register_method("awq")
 class AWQ(Method):
     """AWQ: per-channel activation-aware weight scaling (grid search) and weight clipping (weight-only)."""
 
     version = 1
+    state_type = AWQState
+    conformance_params = {"n_grid": 2, "clip_grid": 4, "clip_tokens": 64}
 
     class Params(MethodParams):
         n_grid: PositiveInt = 20  # scale exponents α = 0, 1/n_grid, ..., 1 - 1/n_grid
         sites: Literal["norms", "all"] = "all"  # norm-fed inputs only, or also v->o and up->down (paper)
         clip: bool = True  # the max-clip search after scaling
         clip_grid: PositiveInt = 20
-        max_shrink: float = Field(0.5, ge=0, lt=1)  # shrink ratios 1, 1 - 1/clip_grid, ... > 1 - max_shrink
+        max_shrink: float = Field(0.5, gt=0, lt=1)  # shrink ratios 1, 1 - 1/clip_grid, ... > 1 - max_shrink
         clip_tokens: PositiveInt = 512
         batch_size: PositiveInt = 8  # calibration windows per layer forward
+
+        @field_validator("max_shrink")
+        @classmethod
+        def _some_shrink_ratio(cls, v: float, info):
+            if info.data.get("clip") and "clip_grid" in info.data and int(v * info.data["clip_grid"]) < 1:
+                raise ValueError("the clip search needs max_shrink * clip_grid >= 1 (at least one ratio)")
+            return v
 
     def calib_scheme_key(self, scheme: Any) -> Any:
         fmt = getattr(scheme, "weight", None)
         return {"weight": fmt.to_dict() if fmt is not None else None}
 
     @torch.no_grad()
-    def calibrate(self, ctx: CalibContext) -> State:
-        from harness.gptq import capture_layer_inputs, layer_kwargs, run_layer
-
+    def calibrate(self, ctx: CalibContext) -> AWQState:
         fmt = getattr(ctx.scheme, "weight", None)
         if fmt is None:
-            return State(meta={"note": "scheme keeps weights in full precision; nothing to search", "steps": 0})
-        fmt = get_format(fmt)
-        p = self.params
-        model, adapter = ctx.model, ctx.adapter
-        geometry = adapter.attention
+            return AWQState(meta={"note": "scheme keeps weights in full precision; nothing to search", "steps": 0})
+        fmt, p = get_format(fmt), self.params
+        geometry = ctx.adapter.attention
         sites = site_set(p.sites)
-        inputs = ctx.calib_inputs()
-        progress = ctx.progress or (lambda it, **_: it)
-        layers = adapter.layers()
-        first = capture_layer_inputs(model, layers[0].module, inputs, p.batch_size)
-        hidden = [x for x, _ in first]
-        kwargs_per_layer = layer_kwargs(model, layers, inputs, p.batch_size, first)
-        del first
-
-        tensors: dict[str, torch.Tensor] = {}
+        state = AWQState()
         alphas: dict[str, Any] = {}
         ratios = {"scale": [], "clip": []}
         steps = 0
-        for view, kwargs in zip(progress(layers, desc="AWQ layers"), kwargs_per_layer):
-            with _LayerCapture(view) as cap:
-                hidden = run_layer(view.module, hidden, kwargs)  # next layer's inputs: FP outputs
-            scales = {}
+        for step in walk_layers(ctx.model, ctx.adapter, ctx.calib_inputs(), p.batch_size, progress=ctx.progress,
+                                desc="AWQ layers"):
+            view = step.view
+            with LayerCapture(view) as cap:
+                step.run()  # next layer's inputs: the FP layer's outputs
+            scales: LayerScales = {}
             self._evals = 0
             for site in layer_sites(view, sites):
-                s, best_alpha, loss0, loss = self._search(view, site, cap, fmt, geometry)
-                scales[site] = s
-                tensors[scale_key(view.index, site)] = s
-                alphas[f"{view.index}.{site}"] = best_alpha
+                scales[site], alphas[f"{view.index}.{site}"], loss0, loss = self._search(view, site, cap, fmt, geometry)
                 ratios["scale"] += [b / a for a, b in zip(loss0, loss) if a > 0]
             steps += self._evals
+            clips: LayerClips = {}
             if p.clip:
-                saved = {k: v.clone() for k, v in view.module.state_dict().items()}
-                for site in SITES:  # fold as `apply` will (same order), search on the real scaled weights
-                    if site in scales:
-                        fold_scale(view, site, scales[site], geometry)
-                clips, n, clip_ratios = self._clip_layer(view, cap, scales, fmt, geometry)
-                view.module.load_state_dict(saved)
-                tensors.update(clips)
+                with folded(view, scales, geometry):  # search on the scaled weights, as `apply` folds them
+                    clips, n, clip_ratios = self._clip_layer(view, cap, scales, fmt, geometry)
                 steps += n
                 ratios["clip"] += clip_ratios
+            state.scales.append({k: v.detach().cpu().float().contiguous() for k, v in scales.items()})
+            state.clips.append({k: v.detach().cpu().float().contiguous() for k, v in clips.items()})
             del cap
-        metrics = {f"{k}_loss_ratio": _geomean(v) for k, v in ratios.items() if v}
+        metrics = {f"{k}_loss_ratio": geomean(v) for k, v in ratios.items() if v}
         flat = [a for v in alphas.values() for a in (v if isinstance(v, list) else [v])]
         metrics["mean_alpha"] = sum(flat) / len(flat) if flat else float("nan")
-        meta = {"weight_format": fmt.to_dict(), "sites": list(sites), "alphas": alphas, "steps": steps,
-                "metrics": metrics, "n_grid": p.n_grid, "clip": p.clip}
-        return State(tensors={k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, meta=meta)
+        state.meta = {"weight_format": fmt.to_dict(), "sites": list(sites), "alphas": alphas, "steps": steps,
+                      "metrics": metrics, "n_grid": p.n_grid, "clip": p.clip}
+        return state
 
     # ---- scale search -----------------------------------------------------------------------
-    def _search(self, view, site, cap: _LayerCapture, fmt, geometry):
+    def _search(self, view, site, cap: LayerCapture, fmt, geometry):
         """(s, best α, loss at α=0 per vector, best loss per vector) for one site."""
         if site == "experts_down":
             rows, alphas, l0s, ls = [], [], [], []
@@ -334,7 +250,7 @@ class AWQ(Method):
                 best = (value, alpha, s)
         return best[2], best[1], loss0, best[0]
 
-    def _site_loss(self, view, site, cap: _LayerCapture, x: torch.Tensor, fmt, geometry):
+    def _site_loss(self, view, site, cap: LayerCapture, x: torch.Tensor, fmt, geometry):
         """loss(s): MSE of the site's block output with its readers quantized under scale s."""
         weights = readers(view, site)
         if site in ("o", "down"):
@@ -346,32 +262,18 @@ class AWQ(Method):
                 return _output_sq_error(g, delta) / (n * w.shape[0])
 
             return direct
-        params = list(weights.values())
-        if site == "qkv":
-            calls, refs = cap.attn_calls, cap.attn_out
-            module = view.attn
-        else:
-            calls, refs = [((xi,), {}) for xi in cap.mlp_in], cap.mlp_out
-            module = view.mlp
 
-        def replay(s):
-            pairs = [(w, _fake_quant_scaled(w.data, reader_scale(site, s, geometry), fmt)) for w in params]
-            total, count = 0.0, 0
-            with _swapped(pairs):
-                for (args, kw), ref in zip(calls, refs):
-                    out = module(*args, **kw)
-                    out = out[0] if isinstance(out, tuple) else out
-                    total += float((out.float() - ref.float()).pow(2).sum())
-                    count += ref.numel()
-            return total / max(count, 1)
+        def replay(s):  # the attention (qkv) or the MLP / sparse-MoE block (mlp_in) rerun
+            return cap.block_mse(site, [(w, _fake_quant_scaled(w.data, reader_scale(site, s, geometry), fmt))
+                                        for w in weights.values()])
 
         return replay
 
     # ---- clip search --------------------------------------------------------------------------
-    def _clip_layer(self, view, cap: _LayerCapture, scales: dict, fmt, geometry):
+    def _clip_layer(self, view, cap: LayerCapture, scales: dict, fmt, geometry):
         """Clip values for every quantized reader of the (already scaled) layer except q and k."""
         p = self.params
-        out: dict[str, torch.Tensor] = {}
+        out: LayerClips = {}
         steps, ratios = 0, []
         per_search = int(p.max_shrink * p.clip_grid)
 
@@ -383,7 +285,7 @@ class AWQ(Method):
                 ratios.append(e1 / e0)
             return m
 
-        for site in layer_sites(view, SITES):
+        for site in layer_sites(view):
             s = scales.get(site)
             for name, w in readers(view, site).items():
                 if name in NO_CLIP:
@@ -392,7 +294,7 @@ class AWQ(Method):
                     x = cap.site_inputs(site)
                     if s is not None:
                         x = x.float() / reader_scale(site, s, geometry).to(x.device)
-                    out[clip_key(view.index, name)] = search(w.data, x)
+                    out[name] = search(w.data, x)
                     continue
                 # fused experts: each expert with the tokens routed to it
                 source = "experts_in" if site == "mlp_in" else "experts_down"
@@ -406,29 +308,19 @@ class AWQ(Method):
                     if s is not None:
                         x = x.float() / (s if site == "mlp_in" else s[e]).to(x.device)
                     rows.append(search(w.data[e], x))
-                out[clip_key(view.index, name)] = torch.stack(rows)
+                out[name] = torch.stack(rows)
         return out, steps, ratios
 
     # ---- apply -------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, model, adapter, state: State, scheme):
+    def apply(self, model, adapter, state: AWQState, scheme):
         from harness.quant import apply_scheme
 
-        fold_scales(adapter, state.tensors)
-        for view in adapter.layers():
-            for site in layer_sites(view, SITES):
-                for name, w in readers(view, site).items():
-                    m = state.tensors.get(clip_key(view.index, name))
-                    if m is not None:
-                        w.data.copy_(clamp_weight(w.data, m))
+        fold_scales(adapter, state.scales)
+        clip_weights(adapter, state.clips)
         self._metrics = dict(state.meta.get("metrics", {}))
         apply_scheme(model, adapter, scheme, quantize_weights=True)
         return model
 
     def metrics(self, model, ctx) -> dict[str, float]:
         return dict(getattr(self, "_metrics", {}))
-
-
-def _geomean(values: list[float]) -> float:
-    values = [v for v in values if v > 0]
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")

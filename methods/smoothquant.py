@@ -4,11 +4,11 @@ Per input channel j of a set of linears that read the same input,
 
     s_j = max|X_j|^α / max|W_:,j|^(1-α)        (both clamped at 1e-5, as the reference code)
 
-with max|X_j| over every calibration token (one forward pass of the FP model, hooks on each site's
-input) and max|W_:,j| over every quantized reader of that input. X / s is folded into the op that
-produces X, W diag(s) into the readers (harness.smoothing), so the FP function is unchanged and
-the activation outliers shrink by s while the weights absorb them. Then the scheme's quantizers go
-in with round-to-nearest weights.
+with max|X_j| over every calibration token (one pass of the FP model over the calibration windows,
+decoder layer by decoder layer, hooks on each site's input) and max|W_:,j| over every quantized reader
+of that input. X / s is folded into the op that produces X, W diag(s) into the readers
+(harness.smoothing), so the FP function is unchanged and the activation outliers shrink by s while the
+weights absorb them. Then the scheme's quantizers go in with round-to-nearest weights.
 
 Sites (`sites`): "norms" = the paper's (q/k/v after the attention RMSNorm; gate/up after the MLP
 RMSNorm, for MoE the router, every expert's gate_up and the shared expert with it); "all" adds the
@@ -19,28 +19,34 @@ is the harness corpus (the paper: 512 x 512 Pile-val tokens). `steps` = calibrat
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, PositiveInt
 
-from harness.method import CalibContext, Method, MethodParams, State
+from harness.calib import walk_layers
+from harness.method import CalibContext, Method, MethodParams
 from harness.registry import register_method
 from harness.smoothing import (
+    Disparity,
+    LayerScales,
     SiteStats,
-    disparity,
     fold_scales,
-    layer_sites,
-    readers,
-    run_calibration,
-    scale_key,
     site_set,
     tie_o,
     weight_absmax,
 )
+from harness.state import State
 
 EPS = 1e-5
+
+
+@dataclass(kw_only=True)
+class SmoothQuantState(State):
+    """Per decoder layer, the smoothing scale of each smoothed site ({site: s})."""
+
+    scales: list[LayerScales] = field(default_factory=list)
 
 
 def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -50,15 +56,13 @@ def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: 
     return torch.where(act_absmax > 0, s, torch.ones_like(s)).float()
 
 
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
-
-
 @register_method("smoothquant")
 class SmoothQuant(Method):
     """SmoothQuant: per-channel activation-to-weight difficulty migration, then RTN quantizers."""
 
     version = 1
+    state_type = SmoothQuantState
+    conformance_params = {"sites": "all"}  # every site kind folded: the 16-bit check covers them all
 
     class Params(MethodParams):
         alpha: float = Field(0.5, ge=0, le=1)  # migration strength (paper default 0.5; 0.85 for LLaMA in the repo)
@@ -69,41 +73,32 @@ class SmoothQuant(Method):
         return None  # the scales depend on the FP model and the data only
 
     @torch.no_grad()
-    def calibrate(self, ctx: CalibContext) -> State:
-        sites = site_set(self.params.sites)
-        adapter = ctx.adapter
-        with SiteStats(adapter, sites) as stats:
-            batches = run_calibration(ctx.model, ctx.calib_inputs(), self.params.batch_size, ctx.progress)
-        geometry = adapter.attention
-        tensors: dict[str, torch.Tensor] = {}
-        disp: dict[str, list[float]] = {"act_before": [], "act_after": [], "weight_before": [], "weight_after": []}
-        for view in adapter.layers():
-            for site in layer_sites(view, sites):
-                dim = next(iter(readers(view, site).values())).shape[-1]
-                act = stats.absmax(view.index, site, dim)
+    def calibrate(self, ctx: CalibContext) -> SmoothQuantState:
+        sites, alpha = site_set(self.params.sites), self.params.alpha
+        geometry = ctx.adapter.attention
+        scales: list[LayerScales] = []
+        disp = Disparity()
+        for step in walk_layers(ctx.model, ctx.adapter, ctx.calib_inputs(), self.params.batch_size,
+                                progress=ctx.progress, desc="SmoothQuant layers"):
+            with SiteStats(step.view, sites) as stats:
+                step.run()  # the FP layer on the calibration tokens: max|X_j| of each site's input
+            scales.append({})
+            for site in stats.sites:
+                act = stats.absmax(site)
                 if site == "o":
                     act = tie_o(act, geometry, "max")
-                w = weight_absmax(view, site, geometry)
-                s = smooth_scales(act, w, self.params.alpha)
-                tensors[scale_key(view.index, site)] = s
-                # disparity of every vector that saw tokens (each expert's own for experts_down)
-                for a_row, w_row, s_row in zip(act.reshape(-1, act.shape[-1]), w.reshape(-1, w.shape[-1]),
-                                               s.reshape(-1, s.shape[-1])):
-                    if a_row.max() > 0:
-                        disp["act_before"].append(disparity(a_row))
-                        disp["act_after"].append(disparity(a_row / s_row))
-                        disp["weight_before"].append(disparity(w_row))
-                        disp["weight_after"].append(disparity(w_row * s_row))
-        metrics = {f"{k.split('_')[0]}_disparity_{k.split('_')[1]}": _geomean(v) for k, v in disp.items()}
-        meta = {"alpha": self.params.alpha, "sites": list(sites), "n_scales": len(tensors), "steps": batches,
-                "metrics": metrics}
-        return State(tensors=tensors, meta=meta)
+                w = weight_absmax(step.view, site, geometry)
+                scales[-1][site] = smooth_scales(act, w, alpha)
+                disp.add(act, w, scales[-1][site])
+        meta = {"alpha": alpha, "sites": list(sites), "n_scales": sum(map(len, scales)),
+                "steps": len(step.hidden), "metrics": disp.metrics()}  # steps: forward batches per layer
+        return SmoothQuantState(scales=scales, meta=meta)
 
     @torch.no_grad()
-    def apply(self, model, adapter, state: State, scheme):
+    def apply(self, model, adapter, state: SmoothQuantState, scheme):
         from harness.quant import apply_scheme
 
-        fold_scales(adapter, state.tensors)
+        fold_scales(adapter, state.scales)
         self._metrics = dict(state.meta.get("metrics", {}))
         apply_scheme(model, adapter, scheme, quantize_weights=True)
         return model

@@ -14,6 +14,7 @@ from harness.models import get_adapter, make_tiny_model
 from harness.quant import get_scheme
 from harness.registry import get_method
 from harness.rotation.install import equivalence_error
+from harness.state import states_equal
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -104,7 +105,8 @@ def test_smoothquant_with_quantizers_off_keeps_logits(family, sites):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref), "calibrate must leave the model untouched"
     n_sites = 2 if sites == "norms" else 4
-    assert len(state.tensors) == n_sites * adapter.num_layers
+    assert len(state.scales) == adapter.num_layers
+    assert sum(len(layer) for layer in state.scales) == n_sites * adapter.num_layers
     smoothed = applied(method, model, state, "w16a16")
     assert equivalence_error(ref, smoothed, ids) <= 1e-4
     # the weights did change: the norm now absorbs 1/s
@@ -116,15 +118,15 @@ def test_smoothquant_is_deterministic_and_follows_the_formula():
     method = get_method("smoothquant")({"alpha": 0.5})
     a = calibrate(method, model, tok, adapter, "w8a8")
     b = calibrate(method, model, tok, adapter, "w8a8")
-    assert a.tensors.keys() == b.tensors.keys()
-    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert [layer.keys() for layer in a.scales] == [layer.keys() for layer in b.scales]
+    assert states_equal(a, b)  # same structure, every scale bit for bit
     # s = sqrt(max|X| / max|W|) for the q/k/v input of layer 0, recomputed from a hook and the weights
     calib = calibration_windows(tok, "c4", 16, 64, seed=0)
     act = channel_absmax(model, calib)[0]  # one forward of all 16 windows
     view = adapter.layer(0)
     w = torch.cat([view.q.weight, view.k.weight, view.v.weight]).abs().amax(0)
     expected = (act.clamp_min(1e-5) ** 0.5 / w.clamp_min(1e-5) ** 0.5)
-    torch.testing.assert_close(a.tensors["scale.0.qkv"], expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.scales[0]["qkv"], expected, rtol=1e-5, atol=0)
 
 
 def test_smoothquant_reduces_activation_disparity():
@@ -171,12 +173,13 @@ def test_awq_scaling_with_quantizers_off_keeps_logits(family):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref), "calibrate must leave the model untouched"
     # qkv, o, mlp_in and down (MoE: experts_down) in every layer, no clip values
-    assert len([k for k in state.tensors if k.startswith("scale.")]) == 4 * adapter.num_layers
-    assert not any(k.startswith("clip.") for k in state.tensors)
+    assert [sorted(layer) for layer in state.scales] == [sorted(state.scales[0])] * adapter.num_layers
+    assert sum(len(layer) for layer in state.scales) == 4 * adapter.num_layers
+    assert not any(state.clips)
     scaled = applied(method, model, state, "w16a16")
     assert equivalence_error(ref, scaled, ids) <= 1e-4
     # the search chose real scales somewhere (alpha = 0 would be no scaling at all)
-    assert any(not torch.allclose(v, torch.ones_like(v)) for v in state.tensors.values())
+    assert any(not torch.allclose(v, torch.ones_like(v)) for layer in state.scales for v in layer.values())
 
 
 def test_awq_alpha_zero_without_clip_is_rtn():
@@ -236,12 +239,15 @@ def test_awq_is_deterministic_and_the_saved_state_reproduces_the_model(tmp_path)
     method = get_method("awq")({})
     a = calibrate(method, model, tok, adapter, W4)
     b = calibrate(method, model, tok, adapter, W4)
-    assert a.tensors.keys() == b.tensors.keys() and a.meta["alphas"] == b.meta["alphas"]
-    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    assert any(k.startswith("clip.") and ".experts." in k for k in a.tensors)
+    assert [layer.keys() for layer in a.scales] == [layer.keys() for layer in b.scales]
+    assert [layer.keys() for layer in a.clips] == [layer.keys() for layer in b.clips]
+    assert a.meta["alphas"] == b.meta["alphas"]
+    assert states_equal(a, b, meta=False)  # every scale and clip value bit for bit
+    assert any(name.startswith("experts.") for layer in a.clips for name in layer)
     assert a.meta["steps"] > 0
     a.save(tmp_path / "state")
-    loaded = State.load(tmp_path / "state")
+    loaded = get_method("awq").state_type.load(tmp_path / "state")
+    assert states_equal(loaded, a)
     fresh, _, _ = tiny("qwen3_moe", planted=True)
     x, y = applied(method, model, a, W4), applied(get_method("awq")({}), fresh, loaded, W4)
     for (name, p), (_, q) in zip(x.named_parameters(), y.named_parameters()):
