@@ -219,9 +219,10 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
             raise where.error(loc("seeds", j), f"invalid seed {short(seed)}; valid: an integer 0 <= seed < 2**63")
     include = merged.get("include") or []
     exclude = merged.get("exclude") or []
+    matrix = _rule_choices(models, methods, schemes, tasks, calibs, list(seeds))
     for key, rules in (("include", include), ("exclude", exclude)):
         for i, rule in enumerate(rules):
-            _check_rule(where, loc(key, i), rule, labels=[label for _, _, label, _ in methods])
+            _check_rule(where, loc(key, i), rule, labels=[label for _, _, label, _ in methods], matrix=matrix)
     return _Resolved(models, methods, schemes, tasks, calibs, list(seeds), merged.get("dtype") or "auto",
                      include, exclude, dict(merged.get("resources") or {}))
 
@@ -272,17 +273,50 @@ def _resolve_tasks(where: Located, entries: list, defaults: dict, loc) -> list[T
     return tasks
 
 
-def _check_rule(where: Located, rloc: tuple, rule: Any, labels: list[str] = ()) -> None:
+def _rule_choices(models, methods, schemes, tasks, calibs, seeds) -> dict[str, list]:
+    """What each rule key can match in this matrix: a rule value outside it would silently match nothing."""
+    labels = []
+    for cls, _, label, _ in methods:
+        labels += [cls.name, label]
+        if cls.needs_calibration and len(calibs) > 1:
+            labels += [f"{label}[{c['corpus']} {c['n']}x{c['seqlen']}]" for c in calibs]
+    scheme_names = [name for name, _, _ in schemes]
+    if any(not cls.uses_scheme for cls, _, _, _ in methods):
+        scheme_names.append(catalogs.BASELINE_SCHEME)
+    seed_values = list(seeds) + ([None] if any(not cls.uses_seed for cls, _, _, _ in methods) else [])
+    return {"model": list(dict.fromkeys(name for name, _, _ in models)), "method": list(dict.fromkeys(labels)),
+            "scheme": list(dict.fromkeys(scheme_names)), "task": [t.name for t in tasks], "seed": seed_values,
+            "params": [p.model_dump(mode="json") for _, p, _, _ in methods]}
+
+
+def _choices(values: list) -> str:
+    return one_line(", ".join(str(v) for v in values), 400)
+
+
+def _check_rule(where: Located, rloc: tuple, rule: Any, labels: list[str] = (), matrix: dict | None = None) -> None:
     from harness.registry import list_methods
 
     if not isinstance(rule, dict) or not rule:
-        raise where.error(rloc, f"an include/exclude rule is a non-empty mapping, got {rule!r}")
+        raise where.error(rloc, f"an include/exclude rule is a non-empty mapping, got {short(rule)}")
     for key, value in rule.items():
         if key not in RULE_KEYS:
-            raise where.error(rloc + (key,), f"unknown rule key {key!r}; choose one of: {', '.join(RULE_KEYS)}")
+            raise where.error(rloc + (key,), f"unknown rule key {short(key)}; choose one of: {', '.join(RULE_KEYS)}")
         if key == "params":
             if not isinstance(value, dict):
-                raise where.error(rloc + (key,), f"params in a rule must be a mapping, got {value!r}")
+                raise where.error(rloc + (key,), f"params in a rule must be a mapping, got {short(value)}")
+            if matrix is not None:
+                variants = matrix["params"]
+                for k, v in value.items():
+                    if not any(k in p for p in variants):
+                        known = sorted({name for p in variants for name in p})
+                        raise where.error(rloc + (key, k), f"no method in the matrix has a param {short(k)}; "
+                                          f"choose one of: {_choices(known)}")
+                    if not any(p.get(k) == v for p in variants if k in p):
+                        seen = list(dict.fromkeys(repr(p[k]) for p in variants if k in p))
+                        raise where.error(rloc + (key, k), f"no method in the matrix has {k}={short(v)}; "
+                                          f"its values: {_choices(seen)}")
+                if not any(all(p.get(k) == v for k, v in value.items()) for p in variants):
+                    raise where.error(rloc + (key,), f"no method in the matrix has all of the params {short(value)}")
             continue
         values = value if isinstance(value, list) else [value]
         if key == "method":  # a registered method name or a label of this spec's methods
@@ -290,16 +324,21 @@ def _check_rule(where: Located, rloc: tuple, rule: Any, labels: list[str] = ()) 
             known = [*methods, *(label for label in labels if label not in methods)]
             for v in values:
                 if v not in labels and str(v).split("(")[0] not in methods:
-                    raise where.error(rloc + (key,), f"unknown method {v!r}; choose one of: {', '.join(known)}")
+                    raise where.error(rloc + (key,), f"unknown method {short(v)}; choose one of: {_choices(known)}")
         elif key == "task":
             catalog = catalogs.task_catalog()
             for v in values:
                 if v not in catalog:
-                    raise where.error(rloc + (key,), f"unknown task {v!r}; choose one of: {', '.join(sorted(catalog))}")
+                    raise where.error(rloc + (key,), f"unknown task {short(v)}; choose one of: {', '.join(sorted(catalog))}")
         elif key == "seed":
             for v in values:
                 if not valid_seed(v):
                     raise where.error(rloc + (key,), f"invalid seed {short(v)}; valid: an integer 0 <= seed < 2**63")
+        if matrix is not None:
+            for v in values:
+                if v not in matrix[key] or (key != "seed" and not isinstance(v, (str, int))):
+                    raise where.error(rloc + (key,), f"{key} {short(v)} names nothing in the matrix; "
+                                      f"choose one of: {_choices(matrix[key])}")
 
 
 def _value_matches(rule_value: Any, actual: Any) -> bool:

@@ -112,3 +112,26 @@ def test_calibration_windows_rejects_bad_seed(seed):
 
     with pytest.raises(InvalidValueError):
         calibration_windows(None, "c4", n=1, seqlen=4, seed=seed)
+
+
+# defect 5 ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule, word", [
+    ("{scheme: w44}", "w44"), ("{model: tiny-z}", "tiny-z"), ("{scheme: [w8, w44]}", "w44"),
+    ("{params: {spread: 0.7}}", "spread"), ("{params: {sprad: 0.1}}", "sprad"),
+    ("{method: toy_calib, params: {spread: 0.1, clip: 3}}", "clip"), ("{seed: 7}", "7"),
+])
+def test_rule_value_naming_nothing_is_an_error(tmp_path, rule, word):
+    for key in ("exclude", "include"):
+        msg = _err(tmp_path, BASE + f"{key}: [{rule}]\n")
+        assert word in msg and "spec.yaml:9" in msg
+
+
+def test_rule_method_not_in_matrix_is_an_error(tmp_path):
+    text = BASE.replace("methods: [fp, toy_rtn,", "methods: [fp,") + "exclude: [{method: toy_rtn}]\n"
+    assert "toy_rtn" in _err(tmp_path, text)
+
+
+@pytest.mark.parametrize("rule", ["{scheme: w16a16, method: fp}", "{params: {spread: 0.1}}", "{seed: 1}",
+                                  "{model: tiny-a, scheme: [w8, w4], task: toy_ppl, method: toy_rtn}"])
+def test_rules_naming_the_matrix_are_fine(tmp_path, rule):
+    load_spec(write(tmp_path, BASE + f"exclude: [{rule}]\n")).cells()
