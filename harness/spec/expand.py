@@ -47,7 +47,7 @@ class Spec:
         origin = {k: () for k in base}
         if scale is not None:
             if scale not in self.file.scales:
-                raise SpecError(f"{self.where.path}: unknown scale {scale!r}; choose one of: "
+                raise SpecError(f"{self.where.path}: unknown scale {short(scale)}; choose one of: "
                                 f"{', '.join(self.scales) or '(spec defines no scales)'}")
             over = self.data["scales"][scale] or {}
             for k, v in over.items():
@@ -129,7 +129,7 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
         name, _, revision = str(entry).partition("@")
         looks_external = "/" in name or os.path.isdir(name) or name.endswith(".gguf")
         if catalog and name not in catalog and not looks_external:
-            raise where.error(loc("models", i), f"unknown model {name!r}; choose one of: "
+            raise where.error(loc("models", i), f"unknown model {short(name)}; choose one of: "
                               f"{', '.join(sorted(catalog))} (or a hub id / local path)")
         models.append((name, revision or None, loc("models", i)))
 
@@ -160,7 +160,7 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
     seen_labels: dict[str, tuple] = {}
     for _, _, label, mloc in methods:
         if label in seen_labels:
-            raise where.error(mloc, f"method label {label!r} is used twice (also at line "
+            raise where.error(mloc, f"method label {short(label)} is used twice (also at line "
                               f"{where.line(seen_labels[label])}): results would be pooled; give each a distinct label")
         seen_labels[label] = mloc
 
@@ -174,10 +174,10 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
         except PtqbenchError as exc:
             raise where.error(loc("schemes", i), str(exc)) from None
         except (TypeError, ValueError, ValidationError) as exc:
-            raise where.error(loc("schemes", i), f"invalid scheme {entry!r}: {one_line(exc)}") from None
+            raise where.error(loc("schemes", i), f"invalid scheme {short(entry)}: {one_line(exc, 200)}") from None
         earlier = [k for k, (name, _, _) in enumerate(schemes[:-1]) if name == schemes[-1][0]]
         if earlier:
-            raise where.error(loc("schemes", i), f"scheme {schemes[-1][0]!r} is listed twice (also at line "
+            raise where.error(loc("schemes", i), f"scheme {short(schemes[-1][0])} is listed twice (also at line "
                               f"{where.line(loc('schemes', earlier[0]))}): results would be pooled")
 
     # task defaults, then tasks
@@ -206,7 +206,7 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
             raise pydantic_error(where, exc, cloc, CalibSettings) from None
         corpora = catalogs.calib_corpora()
         if calibs[-1]["corpus"] not in corpora:
-            raise where.error(cloc + ("corpus",), f"unknown calibration corpus {calibs[-1]['corpus']!r}; "
+            raise where.error(cloc + ("corpus",), f"unknown calibration corpus {short(calibs[-1]['corpus'])}; "
                               f"choose one of: {', '.join(corpora)}")
     if not calibs:
         raise where.error(loc("calib"), "calib list is empty")
@@ -248,9 +248,9 @@ def _resolve_tasks(where: Located, entries: list, defaults: dict, loc) -> list[T
         elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
             name, overrides = entry["name"], {k: v for k, v in entry.items() if k != "name"}
         else:
-            raise where.error(loc("tasks", i), f"a task is a name or a mapping with a 'name' key, got {entry!r}")
+            raise where.error(loc("tasks", i), f"a task is a name or a mapping with a 'name' key, got {short(entry)}")
         if name not in catalog:
-            raise where.error(loc("tasks", i), f"unknown task {name!r}; choose one of: {', '.join(sorted(catalog))}")
+            raise where.error(loc("tasks", i), f"unknown task {short(name)}; choose one of: {', '.join(sorted(catalog))}")
         kind = catalog[name]
         settings_cls = KIND_SETTINGS[kind]
         try:
@@ -259,15 +259,15 @@ def _resolve_tasks(where: Located, entries: list, defaults: dict, loc) -> list[T
             err = exc.errors()[0]
             key = err["loc"][0] if err.get("loc") else None
             if err.get("type") == "extra_forbidden":
-                msg = f"unknown setting {key!r} for {kind} task {name!r}; valid: {', '.join(settings_cls.model_fields)}"
+                msg = f"unknown setting {short(key)} for {kind} task {short(name)}; valid: {', '.join(settings_cls.model_fields)}"
             else:
-                msg = f"{key}: {err.get('msg')} (got {err.get('input')!r})"
+                msg = f"{key}: {err.get('msg')} (got {short(err.get('input'))})"
             raise where.error(loc("tasks", i), msg) from None
         if kind == "kl" and settings["dataset"] not in catalogs.PPL_DATASETS:
-            raise where.error(loc("tasks", i), f"unknown kl dataset {settings['dataset']!r}; choose one of: "
+            raise where.error(loc("tasks", i), f"unknown kl dataset {short(settings['dataset'])}; choose one of: "
                               f"{', '.join(catalogs.PPL_DATASETS)}")
         if name in seen:
-            raise where.error(loc("tasks", i), f"task {name!r} is listed twice")
+            raise where.error(loc("tasks", i), f"task {short(name)} is listed twice")
         seen.add(name)
         tasks.append(TaskSpec(name, kind, settings))
     return tasks

@@ -91,10 +91,10 @@ def pydantic_error(where: Located, exc: ValidationError, prefix: tuple = (),
     if err.get("type") == "extra_forbidden":
         owner = _owner(loc[len(prefix):-1], model)
         allowed = f"; valid keys: {', '.join(owner.model_fields)}" if owner else ""
-        return where.error(loc, f"unknown key {loc[-1]!r}{allowed}")
+        return where.error(loc, f"unknown key {short(loc[-1])}{allowed}")
     value = err.get("input")
     if not isinstance(value, dict):
-        msg = f"{msg} (got {value!r})"
+        msg = f"{msg} (got {short(value)})"
     return where.error(loc, msg)
 
 
@@ -106,20 +106,92 @@ def _owner(rel: tuple, model: type[BaseModel] | None) -> type[BaseModel] | None:
     return None
 
 
+#: Most nodes a spec may expand to once its aliases are followed (a "billion laughs" spec is refused).
+MAX_EXPANDED_NODES = 100_000
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    spec_path = "spec"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: SafeConstructor reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise SpecError(one_line(f"{self.spec_path}:{line}: duplicate key {short(key)} "
+                                             f"(first given at line {first}); give each key once"))
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """Nodes in the document with every alias expanded, counted without expanding (memoised by node)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            return limit + 1  # a recursive alias expands forever
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            for child in n.value:
+                total += size(child)
+                if total > limit:
+                    break
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                total += size(k) + size(v)
+                if total > limit:
+                    break
+        active.discard(key)
+        sizes[key] = min(total, limit + 1)
+        return sizes[key]
+
+    return size(node)
+
+
 def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], Located]:
     path = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
-        raise SpecError(f"cannot read spec {path!r}: {exc.strerror or exc}") from None
+        raise SpecError(f"cannot read spec {short(path)}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: spec is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    loader = _SpecLoader(text)
+    loader.spec_path = path
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
+            raise SpecError(f"{path}: spec expands to more than {MAX_EXPANDED_NODES} YAML nodes once its "
+                            f"aliases are followed (recursive or nested aliases); refusing it")
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(one_line(f"{where}: malformed YAML: {problem}")) from None
+        raise SpecError(one_line(f"{where}: malformed YAML: {problem}", ECHO_LIMIT)) from None
+    except RecursionError:
+        raise SpecError(f"{path}: spec nests too deeply; refusing it") from None
+    finally:
+        loader.dispose()
     if data is None:
         raise SpecError(f"{path}: spec is empty; expected a mapping with models, methods, schemes, tasks")
     if not isinstance(data, dict):

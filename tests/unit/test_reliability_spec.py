@@ -135,3 +135,62 @@ def test_rule_method_not_in_matrix_is_an_error(tmp_path):
                                   "{model: tiny-a, scheme: [w8, w4], task: toy_ppl, method: toy_rtn}"])
 def test_rules_naming_the_matrix_are_fine(tmp_path, rule):
     load_spec(write(tmp_path, BASE + f"exclude: [{rule}]\n")).cells()
+
+
+# defect 17 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, line", [
+    (BASE + "seeds: [5]\n", 9),
+    (BASE.replace("calib: {n: 2, seqlen: 16}", "calib: {n: 2, seqlen: 16, n: 4}"), 7),
+    (BASE + "scales:\n  s:\n    seeds: [1]\n    seeds: [2]\n", 12),
+])
+def test_duplicate_yaml_keys_rejected(tmp_path, text, line):
+    msg = _err(tmp_path, text)
+    assert "duplicate key" in msg and f"spec.yaml:{line}:" in msg
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    text = BASE + "scales:\n  a: &a {calib: {n: 2, seqlen: 16}}\n  b: {<<: *a, calib: {n: 3, seqlen: 16}}\n"
+    spec = load_spec(write(tmp_path, text))
+    assert {c.calib["n"] for c in spec.cells("b") if c.calib} == {3}
+
+
+# defect 16 ---------------------------------------------------------------------------------
+def test_non_utf8_spec_is_one_line(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(BASE.encode() + b"name: caf\xe9\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "UTF-8" in str(info.value) and "spec.yaml:9" in str(info.value)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)) + "models: *i\n"
+
+
+def test_alias_bomb_refused_quickly(tmp_path):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, BOMB))
+    assert time.monotonic() - start < 5
+    assert "alias" in str(info.value) and len(str(info.value)) < 400
+
+
+def test_recursive_alias_refused(tmp_path):
+    with pytest.raises(SpecError, match="alias"):
+        load_spec(write(tmp_path, BASE + "notes: &n [*n]\n"))
+
+
+def test_moderate_alias_use_still_fine(tmp_path):
+    text = BASE + "scales:\n  s: {ppl: &p {seqlen: 32, max_windows: 2}}\n  t: {ppl: *p}\n"
+    load_spec(write(tmp_path, text))
+
+
+def test_huge_value_is_not_echoed_whole(tmp_path):
+    msg = _err(tmp_path, BASE.replace("tasks: [toy_ppl]", "tasks: [toy_ppl, '" + "z" * 100_000 + "']"))
+    assert "unknown task" in msg and len(msg) < 1200
+    msg = _err(tmp_path, BASE.replace("seeds: [0, 1]", "seeds: [0, '" + "9" * 50_000 + "']"))
+    assert len(msg) < 1200
+    msg = _err(tmp_path, BASE + "exclude: [{scheme: '" + "q" * 50_000 + "'}]\n")
+    assert len(msg) < 1200
