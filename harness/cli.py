@@ -159,13 +159,15 @@ def _cmd_run(args) -> int:
     from harness.spec import load_spec
     from harness.store import Store
 
+    store = Store(args.results_dir)
+    if not args.dry_run:
+        store.open_for_writing()  # an unwritable results directory fails now, not after the first cell's work
     spec = load_spec(args.spec)
     cells = spec.cells(args.scale, device=args.device)
     address = getattr(args, "address", None)  # `reproduce` reuses this without the flag
     if address and args.executor != "ray":
         raise PtqbenchError(f"--address {address!r} needs --executor ray (got --executor {args.executor!r})")
     executor = get_executor(args.executor, **({"address": address} if address else {}))
-    store = Store(args.results_dir)
     if args.dry_run:
         todo, skipped = plan(cells, store, retry_failed=not args.no_retry_failed)
         pending = {rid for c in todo for rid in c.run_ids.values()}
@@ -273,7 +275,22 @@ def _cmd_export(args) -> None:
     print(export_parquet(args.out, args.results_dir))
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=None):
+    from harness.store import StoreWarning
+
+    if issubclass(category, StoreWarning):
+        return f"{message}\n"  # one line naming the file, no source excerpt
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import functools
+    import warnings
+
+    if not getattr(warnings.formatwarning, "_ptqbench", False):
+        fmt = functools.partial(_format_warning, _default=warnings.formatwarning)
+        fmt._ptqbench = True  # type: ignore[attr-defined]
+        warnings.formatwarning = fmt
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":

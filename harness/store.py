@@ -7,11 +7,15 @@ never half a file. Calibration states are cached under `<results>/cache/calib/<k
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,33 @@ def is_diverged(record: dict[str, Any] | None) -> bool:
     return bool(record) and record.get("status") == FAILED and DIVERGED_MARK in str(record.get("error"))
 # Record fields that hold nested config: flattened into dotted columns by `load_results`.
 _NESTED = ("method_params", "scheme_config", "protocol", "calib", "timings", "versions", "model_source", "info")
+
+
+class StoreWarning(UserWarning):
+    """Something in the results directory was unreadable and set aside (the run goes on)."""
+
+
+#: A run id, paper id or label used as a file name: no separators, no leading dot, no "..".
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: Temporary files / directories older than this (seconds) are a killed writer's leftovers.
+STALE_TMP_S = 600.0
+
+
+def check_name(kind: str, value: object) -> str:
+    """`value` if it is a safe file name (`[A-Za-z0-9][A-Za-z0-9._-]*`, no ".."); else a one-line error."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+        raise PtqbenchError(f"invalid {kind} {shown}; valid: a name of letters, digits, '.', '_', '-' "
+                            f"starting with a letter or digit, without '..'")
+    return value
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike, kind: str = "path") -> Path:
+    """`path` resolved, if it lies inside `root` (resolved); else a one-line error."""
+    root_r, path_r = Path(root).resolve(), Path(path).resolve()
+    if path_r != root_r and root_r not in path_r.parents:
+        raise PtqbenchError(f"{kind} {str(path)!r} resolves outside {str(root_r)!r}; refusing to write there")
+    return path_r
 
 
 def results_dir(path: str | os.PathLike | None = None) -> Path:
@@ -75,24 +106,106 @@ class Store:
         self.root = results_dir(root)
         self.runs = self.root / "runs"
         self.calib_cache = self.root / "cache" / "calib"
+        self._opened = False
+        self._warned: set[str] = set()
+
+    # --- opening -------------------------------------------------------------------------------
+    def open_for_writing(self) -> Store:
+        """Check, before any work, that records and calibration states can be written here (one-line
+        error otherwise), and remove the temporary files a killed writer left (only ones older than
+        `STALE_TMP_S`, so a concurrent writer's live temporaries survive)."""
+        if self._opened:
+            return self
+        for d in (self.root, self.runs, self.calib_cache):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except (OSError, ValueError) as exc:
+                raise PtqbenchError(f"results directory {str(self.root)!r} is not usable: cannot create "
+                                    f"{str(d)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+            if not d.is_dir():
+                raise PtqbenchError(f"results directory {str(self.root)!r} is not usable: {str(d)!r} is not a directory")
+            try:
+                fd, probe = tempfile.mkstemp(dir=d, prefix=".probe.", suffix=".tmp")
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as exc:
+                raise PtqbenchError(f"results directory {str(self.root)!r} is not writable: {str(d)!r}: "
+                                    f"{exc.strerror or exc}") from None
+        self._opened = True
+        self.clean_stale_temporaries()
+        return self
+
+    def clean_stale_temporaries(self, older_than: float = STALE_TMP_S) -> list[Path]:
+        """Remove `runs/.*.tmp` records and `cache/calib/.KEY.*` directories older than `older_than` s."""
+        now, removed = time.time(), []
+        candidates = []
+        if self.runs.is_dir():
+            candidates += [p for p in self.runs.glob(".*.tmp")]
+        if self.calib_cache.is_dir():
+            candidates += [p for p in self.calib_cache.glob(".*") if p.name != ".bad"]
+        for p in candidates:
+            try:
+                if now - p.lstat().st_mtime < older_than:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+            except OSError:
+                continue
+        return removed
 
     # --- records -------------------------------------------------------------------------------
     def path(self, run_id: str) -> Path:
-        return self.runs / f"{run_id}.json"
+        check_name("run id", run_id)
+        return inside(self.runs, self.runs / f"{run_id}.json", "run record")
 
     def write(self, record: dict[str, Any]) -> Path:
         if "run_id" not in record or record.get("status") not in (DONE, FAILED):
             raise PtqbenchError(f"record needs a run_id and status done|failed, got {sorted(record)}")
-        self.runs.mkdir(parents=True, exist_ok=True)
         path = self.path(record["run_id"])
+        self.open_for_writing()
         _atomic_write_text(path, json.dumps(_json_safe(record), sort_keys=True, indent=1, default=str) + "\n")
         return path
 
+    def _set_aside(self, path: Path, why: str) -> None:
+        """Warn once naming the file, and move it to `runs/.bad/` so later commands skip it quietly."""
+        moved = ""
+        try:
+            bad = self.runs / ".bad"
+            bad.mkdir(exist_ok=True)
+            target = bad / f"{path.name}.{int(time.time())}"
+            os.replace(path, target)
+            moved = f"; moved to {target}"
+        except OSError:
+            pass
+        if str(path) not in self._warned:
+            self._warned.add(str(path))
+            warnings.warn(f"ptqbench: skipping unreadable run record {path}: {why}{moved}", StoreWarning, stacklevel=3)
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            if not path.is_file():
+                if path.exists():
+                    self._set_aside(path, "not a regular file")
+                return None
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            self._set_aside(path, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            return None
+        if not isinstance(record, dict) or "run_id" not in record or "status" not in record:
+            self._set_aside(path, f"not a run record (a JSON {type(record).__name__} without run_id/status)")
+            return None
+        return record
+
     def get(self, run_id: str) -> dict[str, Any] | None:
         path = self.path(run_id)
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
-        return json.loads(path.read_text())
+        return self._read(path)
 
     def status(self, run_id: str) -> str | None:
         record = self.get(run_id)
@@ -104,13 +217,19 @@ class Store:
         for path in sorted(self.runs.glob("*.json")):
             if path.name.startswith("."):
                 continue  # a temporary file left by a crash
-            yield json.loads(path.read_text())
+            record = self._read(path)
+            if record is not None:
+                yield record
 
     def find(self, prefix: str) -> dict[str, Any]:
         """The record whose run id starts with `prefix` (unique)."""
-        matches = sorted(p.stem for p in self.runs.glob(f"{prefix}*.json") if not p.name.startswith("."))
+        check_name("run id", prefix)
+        matches = sorted(p.stem for p in self.runs.glob(f"{glob_escape(prefix)}*.json") if not p.name.startswith("."))
         if len(matches) == 1:
-            return self.get(matches[0])  # type: ignore[return-value]
+            record = self.get(matches[0])
+            if record is not None:
+                return record
+            matches = []
         if not matches:
             known = [p.stem for p in self.runs.glob("*.json")] if self.runs.is_dir() else []
             raise UnknownNameError(f"run id in {self.runs}", prefix, known[:20] or ["(no runs)"])
@@ -118,7 +237,8 @@ class Store:
 
     # --- calibration cache ---------------------------------------------------------------------
     def calib_dir(self, key: str) -> Path:
-        return self.calib_cache / key
+        check_name("calibration key", key)
+        return inside(self.calib_cache, self.calib_cache / key, "calibration state")
 
     def has_calib(self, key: str) -> bool:
         d = self.calib_dir(key)
@@ -127,7 +247,7 @@ class Store:
     def save_calib(self, key: str, state) -> Path:
         """Save a `State` under the key: written to a temporary directory, then renamed into place."""
         final = self.calib_dir(key)
-        self.calib_cache.mkdir(parents=True, exist_ok=True)
+        self.open_for_writing()
         tmp = Path(tempfile.mkdtemp(dir=self.calib_cache, prefix=f".{key}."))
         try:
             state.save(tmp)
@@ -145,6 +265,10 @@ class Store:
         from harness.state import State
 
         return (state_type or State).load(self.calib_dir(key), device=device)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
