@@ -241,8 +241,30 @@ class Store:
         return inside(self.calib_cache, self.calib_cache / key, "calibration state")
 
     def has_calib(self, key: str) -> bool:
+        """A complete, intact state is cached under the key. A damaged one (a file truncated or changed
+        since it was saved) is moved to `cache/calib/.bad/` with one warning and counts as missing, so
+        the cell recomputes it instead of failing on every rerun."""
         d = self.calib_dir(key)
-        return (d / "state.safetensors").exists() and (d / "state.json").exists()
+        if not ((d / "state.safetensors").exists() and (d / "state.json").exists()):
+            return False
+        problem = verify_calib_dir(d)
+        if problem is None:
+            return True
+        moved = ""
+        try:
+            bad = self.calib_cache / ".bad"
+            bad.mkdir(parents=True, exist_ok=True)
+            target = bad / f"{key}.{int(time.time())}"
+            os.replace(d, target)
+            moved = f"; moved to {target}"
+        except OSError:
+            shutil.rmtree(d, ignore_errors=True)
+            moved = "; removed"
+        if f"calib:{key}" not in self._warned:
+            self._warned.add(f"calib:{key}")
+            warnings.warn(f"ptqbench: cached calibration state {d} is damaged ({problem}){moved}; recomputing it",
+                          StoreWarning, stacklevel=2)
+        return False
 
     def save_calib(self, key: str, state) -> Path:
         """Save a `State` under the key: written to a temporary directory, then renamed into place."""
@@ -251,6 +273,7 @@ class Store:
         tmp = Path(tempfile.mkdtemp(dir=self.calib_cache, prefix=f".{key}."))
         try:
             state.save(tmp)
+            write_manifest(tmp)
             if final.exists():  # a concurrent writer got there first: identical content by construction
                 shutil.rmtree(tmp)
             else:
@@ -264,7 +287,89 @@ class Store:
         """The State saved under the key, rebuilt as `state_type` (a harness.state.State subclass)."""
         from harness.state import State
 
-        return (state_type or State).load(self.calib_dir(key), device=device)
+        d = self.calib_dir(key)
+        problem = verify_calib_dir(d)
+        if problem is not None:
+            raise PtqbenchError(f"cached calibration state {d} is damaged ({problem}); rerun to recompute it")
+        return (state_type or State).load(d, device=device)
+
+
+MANIFEST = "manifest.json"
+_VERIFIED: dict[tuple, str | None] = {}  # (dir, files' size + mtime) -> problem or None, per process
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> None:
+    """`manifest.json`: size and sha256 of every file of a saved calibration state."""
+    directory = Path(directory)
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    _atomic_write_text(directory / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A cheap truncation check for states saved before manifests: the header's offsets cover the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name}: {size} bytes, shorter than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 100_000_000:
+            return f"{path.name}: header of {n} bytes does not fit in {size} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name}: unreadable header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)),
+              default=0)
+    if 8 + n + end != size:
+        return f"{path.name}: {size} bytes, header says {8 + n + end}"
+    return None
+
+
+def verify_calib_dir(directory: str | os.PathLike) -> str | None:
+    """None if the state in `directory` matches its manifest (sizes and sha256; verified once per process
+    for given sizes and mtimes), else what is wrong. States without a manifest get a truncation check."""
+    d = Path(directory)
+    try:
+        files = sorted(p for p in d.iterdir() if p.is_file())
+        key = (str(d.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if key in _VERIFIED:
+        return _VERIFIED[key]
+    problem = None
+    try:
+        if (d / MANIFEST).exists():
+            manifest = json.loads((d / MANIFEST).read_text())["files"]
+            for name, want in sorted(manifest.items()):
+                p = d / name
+                if not p.is_file():
+                    problem = f"{name} missing"
+                elif p.stat().st_size != want["size"]:
+                    problem = f"{name}: {p.stat().st_size} bytes, saved {want['size']}"
+                elif _sha256(p) != want["sha256"]:
+                    problem = f"{name}: sha256 differs from the one saved"
+                if problem:
+                    break
+        else:
+            for p in files:
+                if p.suffix == ".safetensors":
+                    problem = _safetensors_problem(p)
+                    if problem:
+                        break
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = f"unreadable manifest: {type(exc).__name__}"
+    _VERIFIED[key] = problem
+    return problem
 
 
 def glob_escape(text: str) -> str:

@@ -196,3 +196,53 @@ def test_show_refuses_traversal(tmp_path, capsys):
 def test_calib_keys_are_checked(tmp_path):
     with pytest.raises(PtqbenchError):
         Store(tmp_path).calib_dir("../../x")
+
+
+# defect 9 ----------------------------------------------------------------------------------
+def _state():
+    import torch
+
+    from harness.state import State
+
+    try:
+        return State.from_tensors({"w": torch.arange(64.0).reshape(8, 8)}, {"a": 1})  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    from dataclasses import dataclass
+
+    @dataclass
+    class S(State):
+        w: torch.Tensor
+        a: int = 1
+
+    return S(w=torch.arange(4096.0).reshape(64, 64))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "truncate_no_manifest"])
+def test_damaged_calib_state_is_missing_and_recomputed(tmp_path, damage):
+    store = Store(tmp_path)
+    state = _state()
+    d = store.save_calib("k1", state)
+    assert (d / "manifest.json").exists() and store.has_calib("k1")
+    f = d / "state.safetensors"
+    data = f.read_bytes()
+    if damage == "flip":
+        f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        f.write_bytes(data[: len(data) // 2])
+    if damage == "truncate_no_manifest":
+        (d / "manifest.json").unlink()
+    fresh = Store(tmp_path)
+    with pytest.warns(StoreWarning, match="damaged"):
+        assert not fresh.has_calib("k1")
+    assert not d.exists()
+    fresh.save_calib("k1", state)  # the recompute replaces it
+    assert fresh.has_calib("k1")
+    assert type(fresh.load_calib("k1", type(state))) is type(state)
+
+
+def test_state_without_manifest_still_loads(tmp_path):
+    store = Store(tmp_path)
+    d = store.save_calib("k2", _state())
+    (d / "manifest.json").unlink()
+    assert Store(tmp_path).has_calib("k2")
