@@ -24,6 +24,10 @@ def list_papers() -> list[str]:
 
 
 def paper_spec_path(paper: str) -> Path:
+    from harness.store import NAME_RE
+
+    if not isinstance(paper, str) or not NAME_RE.fullmatch(paper) or ".." in paper:
+        raise UnknownNameError("paper", paper, list_papers())
     path = papers_dir() / f"{paper}.yaml"
     if not path.is_file():
         raise UnknownNameError("paper", paper, list_papers())
@@ -53,8 +57,10 @@ def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | No
     from harness.report.paper import write_paper_report
     from harness.store import load_results
 
-    paper = spec.file.paper or spec.name
-    out = Path(out_dir) if out_dir else store.root / "papers" / paper
+    from harness.store import check_name, inside
+
+    paper = check_name("paper id", spec.file.paper or spec.name)
+    out = Path(out_dir) if out_dir else inside(store.root / "papers", store.root / "papers" / paper, "paper report")
     df = with_spec_labels(load_results(store.root), cells)
     images = []
     if not df.empty and (df["metric"] == "ppl").any():

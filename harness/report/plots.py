@@ -27,7 +27,10 @@ def _plt():
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    import re
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "plot"  # a file name, never a path
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
     for p in paths:
         fig.savefig(p, bbox_inches="tight", dpi=120)

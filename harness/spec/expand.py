@@ -69,6 +69,11 @@ def load_spec(path: str | os.PathLike) -> Spec:
         file = SpecFile.model_validate(data)
     except ValidationError as exc:
         raise pydantic_error(where, exc, (), SpecFile) from None
+    for key in ("paper", "name"):
+        value = data.get(key)
+        if value is not None and not _safe_name(value):
+            raise where.error((key,), f"invalid {key} {short(value)}; valid: a name of letters, digits, '.', '_', "
+                              f"'-' starting with a letter or digit, without '..' (it names files)")
     spec = Spec(data=data, file=file, where=where)
     for scale in [None, *spec.scales] if spec.scales else [None]:
         _resolve(spec, scale, check_only=True)
@@ -144,6 +149,9 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
             cls = get_method(entry.name)
         except PtqbenchError as exc:
             raise where.error(loc("methods", i), str(exc)) from None
+        if entry.label is not None and not _safe_name(entry.label):
+            raise where.error(loc("methods", i, "label"), f"invalid label {short(entry.label)}; valid: letters, "
+                              f"digits, '.', '_', '-' starting with a letter or digit, without '..'")
         variants = entry.params if isinstance(entry.params, list) else [entry.params]
         if not variants:
             raise where.error(loc("methods", i, "params"), "params list is empty")
@@ -225,6 +233,12 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
             _check_rule(where, loc(key, i), rule, labels=[label for _, _, label, _ in methods], matrix=matrix)
     return _Resolved(models, methods, schemes, tasks, calibs, list(seeds), merged.get("dtype") or "auto",
                      include, exclude, dict(merged.get("resources") or {}))
+
+
+def _safe_name(value: Any) -> bool:
+    from harness.store import NAME_RE
+
+    return isinstance(value, str) and bool(NAME_RE.fullmatch(value)) and ".." not in value
 
 
 def _method_label(cls, params: dict[str, Any]) -> str:
