@@ -5,10 +5,26 @@ entry of every column is marked, and failed runs show as "failed" rather than di
 """
 from __future__ import annotations
 
+import html
 import math
+import re
 from dataclasses import dataclass
 
 import pandas as pd
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def latex_escape(text: object) -> str:
+    """Text safe inside a LaTeX table cell or caption (every special character escaped)."""
+    return re.sub(r"[\\&%$#_{}~^<>]", lambda m: _LATEX_SPECIAL[m.group(0)], str(text))
+
+
+def html_escape(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
 
 LOWER_IS_BETTER = {"ppl", "kl", "nll", "calib_seconds", "calib_peak_mb"}
 
@@ -39,20 +55,31 @@ class Leaderboard:
         target = self.mean.min() if self.lower_is_better else self.mean.max()
         return self.mean.eq(target, axis=1) & self.mean.notna()
 
-    def cells(self, digits: int = 3, bold=("**", "**")) -> pd.DataFrame:
+    def cells(self, digits: int = 3, bold=("**", "**"), escape=None) -> pd.DataFrame:
+        """The table as text. `escape` (e.g. html_escape) is applied to every label and value, before the
+        best-entry markup is added, so only that markup stays live."""
         best = self.best()
         out = pd.DataFrame(index=self.mean.index, columns=self.mean.columns, dtype=object)
+        out = self._fill(out, best, digits, bold, escape or (lambda t: t))
+        if escape is not None:
+            out.index = pd.Index([escape(v) for v in out.index], name=escape(out.index.name) if out.index.name else None)
+            out.columns = pd.Index([escape(v) for v in out.columns],
+                                   name=escape(out.columns.name) if out.columns.name else None)
+        return out
+
+    def _fill(self, out, best, digits, bold, esc) -> pd.DataFrame:
         for r in self.mean.index:
             for c in self.mean.columns:
                 m = self.mean.loc[r, c]
                 if pd.isna(m):
-                    out.loc[r, c] = "failed" if self.failed.loc[r, c] else "–"
+                    out.loc[r, c] = esc("failed" if self.failed.loc[r, c] else "–")
                     continue
                 text = f"{m:.{digits}f}"
                 if self.n.loc[r, c] > 1 and not pd.isna(self.std.loc[r, c]):
                     text += f" ± {self.std.loc[r, c]:.{digits}f}"
                 if self.baseline is not None and not math.isclose(m, self.baseline):
                     text += f" ({m - self.baseline:+.{digits}f})"
+                text = esc(text)
                 out.loc[r, c] = f"{bold[0]}{text}{bold[1]}" if best.loc[r, c] else text
         return out
 
@@ -64,13 +91,17 @@ class Leaderboard:
         return head + body + (f"\n\n_{self.protocol}_\n" if self.protocol else "\n")
 
     def to_html(self) -> str:
-        table = self.cells(bold=("<b>", "</b>")).to_html(escape=False, classes="leaderboard", border=0)
-        proto = f"<p class='protocol'>{self.protocol}</p>" if self.protocol else ""
-        return f"<h3>{self.title}</h3>\n{table}\n{proto}"
+        # every label and value escaped here; only the <b> of the best entries is markup
+        table = self.cells(bold=("<b>", "</b>"), escape=html_escape).to_html(escape=False, classes="leaderboard",
+                                                                             border=0)
+        proto = f"<p class='protocol'>{html_escape(self.protocol)}</p>" if self.protocol else ""
+        return f"<h3>{html_escape(self.title)}</h3>\n{table}\n{proto}"
 
     def to_latex(self) -> str:
-        cells = self.cells(bold=("\\textbf{", "}")).map(lambda s: s.replace("±", "$\\pm$"))
-        return cells.to_latex(escape=False, caption=self.title, column_format="l" + "r" * len(cells.columns))
+        esc = lambda t: latex_escape(t).replace("±", "$\\pm$")  # noqa: E731
+        cells = self.cells(bold=("\\textbf{", "}"), escape=esc)
+        return cells.to_latex(escape=False, caption=latex_escape(self.title),
+                              column_format="l" + "r" * len(cells.columns))
 
 
 def build_leaderboard(df: pd.DataFrame, metric: str, task: str | None = None, model: str | None = None,

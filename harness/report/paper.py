@@ -121,12 +121,13 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
     md_path.write_text("\n".join(md) + "\n")
 
     body = [f"<h1>Reproduction report — {html.escape(title)}</h1>",
-            f"<p>Scale <code>{scale}</code>, generated {stamp}. Versions: {html.escape(_versions(df) or 'n/a')}.</p>",
+            f"<p>Scale <code>{html.escape(str(scale))}</code>, generated {stamp}. Versions: {html.escape(_versions(df) or 'n/a')}.</p>",
             "<h2>Claims</h2>", claims_table(results).to_html(index=False, border=0) if results else "<p>(no claims)</p>"]
     if reported is not None:
         body += ["<h2>Numbers reported in the paper</h2>", reported.to_html(index=False, border=0)]
     body += ["<h2>Our results</h2>"] + [b.to_html() for b in boards]
-    body += [f"<img src='{p.name}' alt='{p.stem}' style='max-width:48%'>" for p in plots or []]
+    body += [f"<img src='{html.escape(p.name, quote=True)}' alt='{html.escape(p.stem, quote=True)}' style='max-width:48%'>"
+             for p in plots or []]
     if not failed.empty:
         body += ["<h2>Failed runs</h2>", failed.to_html(index=False, border=0)]
     style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
