@@ -38,6 +38,8 @@ class RunFailure(PtqbenchError):
 
 
 def one_line_error(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the method called sys.exit({exc.code!r})"
     msg = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
     return text[:1000]
@@ -208,7 +210,9 @@ def _calibrate(method: Method, ctx: CalibContext, cell: Cell, store: Store, out:
 
 def calib_scheme(cell: Cell) -> QuantScheme:
     """The cell's scheme as calibration sees it: a QuantScheme always (16-bit when the method ignores schemes)."""
-    return get_scheme(cell.scheme if cell.scheme is not None else "w16a16")
+    if cell.scheme is None:
+        return get_scheme("w16a16")
+    return get_scheme(cell.scheme) if isinstance(cell.scheme, (str, dict)) else cell.scheme
 
 
 def _group_tasks(tasks: list[TaskSpec]) -> list[list[TaskSpec]]:
@@ -253,7 +257,7 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
             if task.kind in REFERENCE_COLLECTORS:
                 try:
                     refs[task.name] = REFERENCE_COLLECTORS[task.kind](model, tokenizer, task)
-                except Exception as exc:  # noqa: BLE001
+                except (Exception, SystemExit) as exc:  # noqa: BLE001
                     ref_errors[task.name] = exc
 
         stage = "calibrate"
@@ -279,7 +283,8 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
 
         stage = "method metrics"
         state.metrics.update({f"method.{k}": v for k, v in (method.metrics(model, ctx) or {}).items()})
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a record
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a record; a method's
+        # sys.exit() too (a failed run with its reason, the matrix goes on); KeyboardInterrupt still stops it
         failure = exc
 
     if failure is not None:
@@ -303,7 +308,7 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
             set_seed(cell.seed)
             with torch.no_grad():
                 results = evaluators[group[0].kind](model, tokenizer, group, cell, refs)
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             error = exc
         eval_s = round((time.perf_counter() - t0) / len(group), 3)
         for task in group:
@@ -322,7 +327,7 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
                     check_result(task, task_metrics)
                     metrics.update(task_metrics)
                     record["main_metric"] = getattr(results[task.name], "metric", None) or next(iter(task_metrics), None)
-                except Exception as exc:  # noqa: BLE001
+                except (Exception, SystemExit) as exc:  # noqa: BLE001
                     task_error = exc
                     if task.name in results:
                         metrics.update(_result_fields(results[task.name])[0])
