@@ -52,6 +52,7 @@ class ModelInfo:
     family: str | None = None  # tiny family
     loaded_from: str | None = None  # the dequantised-GGUF cache directory, when it was used
     commit: str | None = None  # the hub commit the files came from (known after loading)
+    content: str | None = None  # local directory: digest of its files' names, sizes and sha256 (dir_content_hash)
 
     def fingerprint(self) -> dict[str, Any]:
         """Enough to tell whether two runs used the same weights (no machine-specific paths)."""
@@ -60,8 +61,8 @@ class ModelInfo:
         if self.kind == "gguf":
             out = {"kind": "gguf", "path": Path(self.path).name, "sha256": self.sha256}
             return {"kind": "gguf", "alias": self.alias, **out} if self.alias else out
-        if self.kind == "dir":
-            return {"kind": "dir", "path": self.path}
+        if self.kind == "dir":  # the content, not only the path: re-saved weights get new run ids
+            return {"kind": "dir", "path": self.path, "content": self.content}
         return {"kind": "hub", "hub_id": self.hub_id, "revision": self.revision}
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +98,67 @@ def file_sha256(path: str | Path) -> str:
     return _sha256_prefix(str(path), st.st_mtime_ns, st.st_size)
 
 
+def dir_content_hash(directory: str | Path) -> str:
+    """First 16 hex digits of a sha256 over every (non-hidden) file of a model directory: relative name,
+    size and the file's sha256 (config, weights index, weights, tokenizer). File hashes are memoised per
+    path, size and mtime (in this process and in `$PTQBENCH_FINGERPRINT_CACHE`, default
+    ~/.cache/ptqbench/file_sha256.json), so an unchanged directory costs one stat per file."""
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    cache = _DiskShaCache.get()
+    entries = []
+    for p in files:
+        st = p.stat()
+        entries.append([p.relative_to(root).as_posix(), st.st_size, cache.sha(p, st)])
+    cache.flush()
+    return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+class _DiskShaCache:
+    """(path, size, mtime_ns) -> sha256 prefix, kept in a small JSON file (best effort)."""
+
+    _instance: _DiskShaCache | None = None
+
+    def __init__(self) -> None:
+        self.path = Path(os.environ.get("PTQBENCH_FINGERPRINT_CACHE")
+                         or Path.home() / ".cache" / "ptqbench" / "file_sha256.json")
+        try:
+            self.data = json.loads(self.path.read_text())
+            if not isinstance(self.data, dict):
+                self.data = {}
+        except (OSError, ValueError):
+            self.data = {}
+        self.dirty = False
+
+    @classmethod
+    def get(cls) -> _DiskShaCache:
+        if cls._instance is None or cls._instance.path != Path(os.environ.get("PTQBENCH_FINGERPRINT_CACHE")
+                                                                or Path.home() / ".cache" / "ptqbench" / "file_sha256.json"):
+            cls._instance = cls()
+        return cls._instance
+
+    def sha(self, path: Path, st: os.stat_result) -> str:
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        value = self.data.get(key)
+        if not isinstance(value, str):
+            value = _sha256_prefix(str(path), st.st_mtime_ns, st.st_size)
+            self.data[key], self.dirty = value, True
+        return value
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:
+            pass
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
@@ -117,7 +179,7 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
             raise ModelLoadError(f"GGUF file {name!r} does not exist")
         return ModelInfo(name, "gguf", path=str(path.resolve()), sha256=file_sha256(path))
     if path.is_dir():
-        return ModelInfo(name, "dir", path=str(path.resolve()))
+        return ModelInfo(name, "dir", path=str(path.resolve()), content=dir_content_hash(path))
     if _looks_like_path(name):
         raise ModelLoadError(f"model directory {name!r} does not exist")
     if _HUB_ID.match(name):
