@@ -313,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PtqbenchError as exc:
         print(f"ptqbench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except (OSError, UnicodeError) as exc:  # an unwritable output, a full disk: one line, not a traceback
+        print(f"ptqbench: error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ptqbench: interrupted; finished runs are recorded, rerun to resume", file=sys.stderr)
         return 130

@@ -246,3 +246,11 @@ def test_state_without_manifest_still_loads(tmp_path):
     d = store.save_calib("k2", _state())
     (d / "manifest.json").unlink()
     assert Store(tmp_path).has_calib("k2")
+
+
+def test_site_into_unwritable_results_is_one_line(tmp_path, capsys):
+    results = tmp_path / "res"
+    Store(results).write(record("site1"))
+    (results / "leaderboard").write_text("a file where a directory should be")
+    assert main(["site", "--results-dir", str(results)]) == 2
+    assert last_err(capsys).startswith("ptqbench: error:")
