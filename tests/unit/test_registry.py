@@ -1,5 +1,6 @@
 """Method registry: decorator, built-ins, the ptqbench.methods entry-point group, params, State."""
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,15 @@ def test_params_are_typed_validated_and_frozen():
         params.damp = 0.5  # frozen: a run's params cannot drift after its id was computed
 
 
+@dataclass(kw_only=True)
+class _TensorsState(State):
+    tensors: dict[str, torch.Tensor]
+
+
 def test_state_round_trip(tmp_path):
     base = torch.arange(12.0).view(3, 4)
-    state = State(tensors={"a": base, "b/view": base[:, 1]}, meta={"note": "x", "n": 3})
+    state = _TensorsState(tensors={"a": base, "b/view": base[:, 1]}, meta={"note": "x", "n": 3})
     state.save(tmp_path / "s")
-    loaded = State.load(tmp_path / "s")
+    loaded = _TensorsState.load(tmp_path / "s")
     assert loaded.meta == {"note": "x", "n": 3}
     assert torch.equal(loaded.tensors["a"], base) and torch.equal(loaded.tensors["b/view"], base[:, 1])

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import pandas as pd
 import pytest
@@ -109,12 +110,17 @@ def test_find_by_prefix(tmp_path):
         store.find("zz")
 
 
+@dataclass(kw_only=True)
+class _WState(State):
+    w: torch.Tensor
+
+
 def test_calibration_cache(tmp_path):
     store = Store(tmp_path)
     assert not store.has_calib("k1")
-    store.save_calib("k1", State({"w": torch.ones(2, 2)}, {"a": 1}))
+    store.save_calib("k1", _WState(w=torch.ones(2, 2), meta={"a": 1}))
     assert store.has_calib("k1")
-    loaded = store.load_calib("k1")
-    assert loaded.meta == {"a": 1} and torch.equal(loaded.tensors["w"], torch.ones(2, 2))
-    store.save_calib("k1", State({"w": torch.ones(2, 2)}, {"a": 1}))  # a second writer: no error
+    loaded = store.load_calib("k1", _WState)
+    assert loaded.meta == {"a": 1} and torch.equal(loaded.w, torch.ones(2, 2))
+    store.save_calib("k1", _WState(w=torch.ones(2, 2), meta={"a": 1}))  # a second writer: no error
     assert [p.name for p in store.calib_cache.iterdir()] == ["k1"]
