@@ -1,6 +1,7 @@
 """One memory meter for every phase (a cell's calibration, a method's rotation fit): nestable.
 
-CPU: peak resident set size, sampled by a thread (psutil). CUDA: peak allocated bytes. CUDA keeps one
+CPU: peak resident set size, sampled by a thread (psutil) every 50 ms (a sampler waking more often
+competes for the GIL with Python-heavy loops such as GPTQ's column loop). CUDA: peak allocated bytes. CUDA keeps one
 process-wide peak counter, so a meter that resets it would spoil the peak of a meter around it; here
 every reset first folds the current peak into each open meter, so every meter's peak stays exact.
 """
@@ -35,7 +36,7 @@ class MemoryMeter:
     allocated bytes (0 without CUDA). `extra_bytes`: what the block added on top of where it started,
     on the CUDA device when `device` is one, else in host memory."""
 
-    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.01):
+    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.05):
         self.on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
         self.cuda = torch.cuda.is_available()
         self.interval = interval
