@@ -162,6 +162,10 @@ def _cmd_run(args) -> int:
     store = Store(args.results_dir)
     if not args.dry_run:
         store.open_for_writing()  # an unwritable results directory fails now, not after the first cell's work
+    if args.device is not None:  # the local executor runs here: the device must exist here
+        from harness.spec.catalogs import check_device
+
+        check_device(args.device, need_available=args.executor == "local" and not args.dry_run)
     spec = load_spec(args.spec)
     cells = spec.cells(args.scale, device=args.device)
     address = getattr(args, "address", None)  # `reproduce` reuses this without the flag

@@ -26,6 +26,7 @@ from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
 from harness.quant.scheme import QuantScheme, get_scheme
 from harness.spec import Cell, TaskSpec, versions_for
+from harness.spec.catalogs import check_device
 from harness.store import DONE, FAILED, Store
 
 #: A perplexity above this (or NaN/Inf) marks the run as diverged: failed, with the value in the reason.
@@ -246,6 +247,7 @@ def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
     try:
         set_seed(cell.seed)
         t0 = time.perf_counter()
+        check_device(cell.device)  # one line where a worker lacks the device, not torch's error
         model, tokenizer, adapter = loader(cell)
         if hasattr(model, "eval"):
             model.eval()
