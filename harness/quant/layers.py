@@ -13,7 +13,21 @@ from harness.formats import Format, get_format, quantize
 from harness.quant.quantizer import InputCache, Quantizer
 
 
-class QuantLinear(nn.Module):
+class ActQuantized:
+    """A module whose inputs go through `self.act_quantizer`; `act_format` reads and sets its format."""
+
+    act_quantizer: Quantizer
+
+    @property
+    def act_format(self) -> Format | None:
+        return self.act_quantizer.fmt
+
+    @act_format.setter
+    def act_format(self, fmt: Format | None) -> None:
+        self.act_quantizer.fmt = fmt
+
+
+class QuantLinear(ActQuantized, nn.Module):
     """x -> online transform (optional) -> activation fake-quant (optional) -> x Ŵᵀ + b.
 
     The wrapped nn.Linear holds the weight actually used: apply_scheme fake-quantizes it once, in place
@@ -30,14 +44,6 @@ class QuantLinear(nn.Module):
         self.weight_format: Format | None = None  # set when the weight was fake-quantized
         # non-persistent buffer: follows .to(device), stays out of state_dict
         self.register_buffer("fp_weight", None, persistent=False)
-
-    @property
-    def act_format(self) -> Format | None:
-        return self.act_quantizer.fmt
-
-    @act_format.setter
-    def act_format(self, fmt: Format | None) -> None:
-        self.act_quantizer.fmt = fmt
 
     def share_input_cache(self, other: QuantLinear) -> None:
         """Read the same tensor as `other` (q/k/v, gate/up): quantize it once for both."""
@@ -84,7 +90,7 @@ class QuantLinear(nn.Module):
         return f"weight={w}, act={act}, transform={self.input_transform is not None}"
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(ActQuantized, nn.Module):
     """Replacement for a transformers-5 fused experts module that also quantizes expert activations.
 
     Same routing arithmetic as transformers' eager loop (per expert: gate/up, act, down, weight by the
@@ -107,14 +113,6 @@ class QuantExperts(nn.Module):
         self.weight_format: Format | None = None
         self.register_buffer("fp_gate_up", None, persistent=False)
         self.register_buffer("fp_down", None, persistent=False)
-
-    @property
-    def act_format(self) -> Format | None:
-        return self.act_quantizer.fmt
-
-    @act_format.setter
-    def act_format(self, fmt: Format | None) -> None:
-        self.act_quantizer.fmt = fmt
 
     def keep_fp_weight(self) -> None:
         if self.fp_gate_up is None:
