@@ -166,26 +166,6 @@ class AffineTransforms:
 
     layers: list[dict[str, SiteTransform]] = field(default_factory=list)
 
-    def to_tensors(self, prefix: str = "aff.") -> dict[str, torch.Tensor]:
-        out = {}
-        for i, sites in enumerate(self.layers):
-            for site, t in sites.items():
-                for part in ("p1", "p2", "diag"):
-                    value = getattr(t, part)
-                    if value is not None:
-                        out[f"{prefix}{i}.{site}.{part}"] = value.detach().to(torch.float64).contiguous()
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], num_layers: int, prefix: str = "aff.") -> AffineTransforms:
-        layers: list[dict[str, SiteTransform]] = [{} for _ in range(num_layers)]
-        for key, value in tensors.items():
-            if not key.startswith(prefix):
-                continue
-            index, site, part = key[len(prefix):].split(".")
-            t = layers[int(index)].setdefault(site, SiteTransform())
-            setattr(t, part, value)
-        return cls(layers)
 
 
 class OnlineKronecker(nn.Module):
@@ -268,11 +248,31 @@ def transform_head_values(weight: torch.Tensor, p: torch.Tensor, head_dim: int, 
         bias.copy_((_f64(bias).reshape(-1, head_dim) @ p64).reshape(-1).to(bias.dtype))
 
 
+#: per site, the roles of the linears reading its input (those a layer has); the fused experts read
+#: the "mlp" site too (and "experts_down" inside the experts module)
+SITE_ROLES = {"qkv": ("q", "k", "v"), "o": ("o",), "mlp": ("gate", "up", "shared_gate", "shared_up"),
+              "down": ("down", "shared_down")}
+
+
+def site_linears(view) -> dict[str, list]:
+    """Per site, the live modules (QuantLinear wrappers once wrapped) of the linears reading its input."""
+    roles = view.roles()
+    return {site: [view.site(r) for r in rs if r in roles] for site, rs in SITE_ROLES.items()}
+
+
+def weight_roles(view) -> dict[str, torch.Tensor]:
+    """role -> weight of every quantized weight of a layer (fused experts as 3-D "experts.gate_up" / "experts.down")."""
+    out = {role: lin.weight for role, lin in view.linears().items()}
+    if view.experts is not None:
+        out["experts.gate_up"], out["experts.down"] = view.experts.gate_up, view.experts.down
+    return out
+
+
 def install_affine(model, adapter, transforms: AffineTransforms, qk: torch.Tensor | None = None) -> None:
     """Fold every site transform's inverse into the weights, the diagonals into norms / up rows, and install
     the online Kronecker transforms (in place). With every quantizer off the model computes the same
     function. `qk`: an orthogonal [hd, hd] applied online to Q and K after RoPE (K-cache quantization)."""
-    from harness.quant import install_kv_quant, wrap_experts, wrap_linear
+    from harness.quant import install_kv_quant, wrap_site
     from harness.rotation.fuse import OnlineTransform
 
     for layer in adapter.layers():
@@ -280,15 +280,16 @@ def install_affine(model, adapter, transforms: AffineTransforms, qk: torch.Tenso
         for site in sites:
             if site not in SITES:
                 raise UnknownNameError("affine transform site", site, SITES)
+        roles = layer.roles()
         if "qkv" in sites:
             t = sites["qkv"]
             if t.diag is not None:
                 scale_vector(layer.attn_norm.weight, t.diag)  # γ <- γ ⊙ d
             inv = t.inverse_t()
             online = OnlineKronecker(t.p1, t.p2, name="qkv")
-            for attr, lin in (("q_proj", layer.q), ("k_proj", layer.k), ("v_proj", layer.v)):
+            for role, lin in (("q", layer.q), ("k", layer.k), ("v", layer.v)):
                 transform_weight_input(lin.weight, t, inv)
-                wrap_linear(layer.attn, attr).input_transform = online
+                wrap_site(layer, role).input_transform = online
         if "o" in sites:
             t = sites["o"]
             if t.diag is not None:
@@ -296,7 +297,7 @@ def install_affine(model, adapter, transforms: AffineTransforms, qk: torch.Tenso
             if t.p2 is not None:  # head_dim factor: on every (KV) head's values, fused into v_proj
                 transform_head_values(layer.v.weight, t.p2, adapter.head_dim, layer.v.bias)
             transform_weight_input(layer.o.weight, t)
-            wrap_linear(layer.attn, "o_proj").input_transform = OnlineKronecker(t.p1, None, name="o (heads)")
+            wrap_site(layer, "o").input_transform = OnlineKronecker(t.p1, None, name="o (heads)")
         if "mlp" in sites:
             t = sites["mlp"]
             if t.diag is not None:
@@ -307,12 +308,12 @@ def install_affine(model, adapter, transforms: AffineTransforms, qk: torch.Tenso
             online = OnlineKronecker(t.p1, t.p2, name="mlp")
             for lin in layer.mlp_in:
                 transform_weight_input(lin.weight, t, inv)
-            for attr in ("gate_proj", "up_proj"):
-                if layer.dense_mlp is not None:
-                    wrap_linear(layer.dense_mlp, attr).input_transform = online
+            for role in SITE_ROLES["mlp"]:
+                if role in roles:
+                    wrap_site(layer, role).input_transform = online
             if layer.experts is not None:
                 transform_weight_input(layer.experts.gate_up, t, inv)
-                wrap_experts(layer).input_transform = online
+                wrap_site(layer, "experts").input_transform = online
         if "down" in sites:
             if layer.dense_mlp is None:
                 raise InvalidValueError("affine site 'down'", "on a layer without a dense MLP / shared expert",
@@ -322,12 +323,13 @@ def install_affine(model, adapter, transforms: AffineTransforms, qk: torch.Tenso
             if t.diag is not None:
                 scale_output_rows(up.weight, t.diag, up.bias)
             transform_weight_input(layer.mlp_out[0].weight, t)
-            wrap_linear(layer.dense_mlp, "down_proj").input_transform = OnlineKronecker(t.p1, t.p2, name="down")
+            down = next(r for r in SITE_ROLES["down"] if r in roles)
+            wrap_site(layer, down).input_transform = OnlineKronecker(t.p1, t.p2, name="down")
         if "experts_down" in sites:
             if layer.experts is None:
                 raise InvalidValueError("affine site 'experts_down'", "on a dense layer", "MoE layers only")
             t = sites["experts_down"]
-            experts = wrap_experts(layer)
+            experts = wrap_site(layer, "experts")
             if t.diag is not None:
                 inter = experts.down_proj.shape[-1]
                 scale_output_rows(experts.gate_up_proj.data[:, inter:], t.diag)
@@ -337,6 +339,55 @@ def install_affine(model, adapter, transforms: AffineTransforms, qk: torch.Tenso
         q32 = qk.to(torch.float32)
         install_kv_quant(model, [v.attn for v in adapter.layers()], None,
                          OnlineTransform(apply_fn=lambda x: x @ q32.to(x.device), name="R3"))
+
+
+def experts_transform_as_pre_hook(adapter) -> None:
+    """GPTQ's expert Hessians read the experts' raw input: move an experts input transform into a forward
+    pre-hook so that the Hessians (and the down inputs it derives) see the transformed input."""
+    from harness.quant import QuantExperts
+
+    for view in adapter.layers():
+        if view.experts is None or not isinstance(view.experts.module, QuantExperts):
+            continue
+        module = view.experts.module
+        transform = module.input_transform
+        if transform is None:
+            continue
+        module.input_transform = None
+
+        def pre(_mod, args, kwargs, t=transform):
+            if args:
+                return (t(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": t(kwargs["hidden_states"])}
+
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+@torch.no_grad()
+def quantize_weights_with_clips(adapter, fmt: Format, weight_clips: list[dict[str, torch.Tensor]]) -> None:
+    """RTN of every layer weight in place, with its learned per-output-channel clip ratio where there is one."""
+    for view in adapter.layers():
+        clips = weight_clips[view.index] if view.index < len(weight_clips) else {}
+        for role, weight in weight_roles(view).items():
+            ratio = clips.get(role)
+            ratio = None if ratio is None else ratio.to(weight.device, torch.float32)
+            weight.copy_(clipped_fake_quant(weight.data, fmt, ratio))
+
+
+def set_activation_clips(adapter, fmt: Format, act_clips: list[dict[str, float]]) -> None:
+    """Each site's readers quantize their input as `fmt` with its clip ratio times the site's learned one
+    (a MoE layer's experts module takes the "mlp" site's)."""
+    from harness.quant import wrap_site
+
+    for view in adapter.layers():
+        clips = act_clips[view.index] if view.index < len(act_clips) else {}
+        roles = view.roles()
+        for site, site_roles in SITE_ROLES.items():
+            if site not in clips:
+                continue
+            readers = [r for r in site_roles if r in roles] + (["experts"] if site == "mlp" and view.experts else [])
+            for role in readers:
+                wrap_site(view, role).act_format = with_clip(fmt, clips[site])
 
 
 # ---- learnable clipping ----------------------------------------------------------------------------

@@ -27,36 +27,23 @@ model with every transformed weight a differentiable function of R1, R2 and the 
 """
 from __future__ import annotations
 
-import copy
 import time
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from harness.affine import scale_input_columns, scale_output_rows, scale_vector
-from harness.errors import InvalidValueError
-from harness.method import CalibContext, State, scheme_to_dict
+from harness.affine_train import OSTTrainingModel
+from harness.calib import MemoryMeter, page_in
+from harness.method import CalibContext, scheme_to_dict
 from harness.registry import register_method
-from harness.rotation.install import Rotations, fold_norms, install_rotations
-from harness.rotation.learn import (
-    CayleySGD,
-    MemoryMeter,
-    cosine_lr,
-    orthogonality_error,
-    page_in,
-    ste_quantize,
-    straight_through_quantizers,
-)
-from harness.rotation.method import RotationMethod, RotationParams
-from harness.transforms import (
-    hadamard,
-    hadamard_transform,
-    random_hadamard,
-    random_orthogonal,
-)
-
-SCALE_PREFIX = "ost."
+from harness.rotation.install import Rotations, install_rotations
+from harness.rotation.learn import CayleySGD, cosine_lr, orthogonality_error
+from harness.rotation.method import RotationMethod, RotationParams, RotationState
+from harness.transforms import hadamard, random_hadamard, random_orthogonal
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -130,140 +117,18 @@ def install_ost(model, adapter, rot: Rotations, scales: list[dict[str, torch.Ten
             scale_input_columns(view.o.weight, ov.repeat_interleave(geometry.kv_groups, dim=0).reshape(-1))
 
 
-def scales_to_tensors(scales) -> dict[str, torch.Tensor]:
-    return {f"{SCALE_PREFIX}{i}.{k}": v.detach().to(torch.float64).contiguous()
-            for i, s in enumerate(scales) for k, v in s.items()}
-
-
-def scales_from_tensors(tensors, num_layers: int) -> list[dict[str, torch.Tensor]]:
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
-    for key, value in tensors.items():
-        if key.startswith(SCALE_PREFIX):
-            index, name = key[len(SCALE_PREFIX):].split(".")
-            out[int(index)][name] = value
-    return out
-
-
-# ---- the training model ----------------------------------------------------------------------------------
-
-
-class OSTTrainingModel:
-    """A copy of the model whose transformed weights are differentiable functions of R1, the R2s and the
-    scalings. Norms folded, R3/R4 and the scheme's activation / KV quantizers installed; weights in full
-    precision unless `weight_format` (then STE-quantized after the transforms)."""
-
-    def __init__(self, model, scheme, qk: torch.Tensor | None, weight_format=None):
-        from harness.models import get_adapter
-        from harness.quant import apply_scheme, get_scheme
-
-        scheme = get_scheme(scheme)
-        if scheme.embeddings:
-            raise InvalidValueError("scheme for ostquant training", scheme.name, "one that keeps embeddings in FP")
-        self.model = copy.deepcopy(model)
-        adapter = get_adapter(self.model)
-        fold_norms(adapter)
-        g = adapter.attention
-        self.hd, self.kv_groups = g.head_dim, g.kv_groups
-        self.weight_format = weight_format
-        self.head_quantized = bool(scheme.lm_head)
-        sites = []  # (parameter, role, layer); base values taken now: after the norm folding, before R4
-        for view in adapter.layers():
-            i = view.index
-            sites += [(view.q.weight, "qk", i), (view.k.weight, "qk", i), (view.v.weight, "v", i),
-                      (view.o.weight, "o", i), (view.attn_norm.weight, "attn_norm", i),
-                      (view.mlp_norm.weight, "mlp_norm", i)]
-            if view.v.bias is not None:
-                sites.append((view.v.bias, "v_bias", i))
-            sites += [(lin.bias, "out_bias", i) for lin in (view.o, *view.mlp_out) if lin.bias is not None]
-            sites += [(m.weight, "router", i) for m in view.router_linears]
-            if view.dense_mlp is not None:
-                gate, up = view.mlp_in
-                sites += [(gate.weight, "gate", i), (up.weight, "up", i), (view.mlp_out[0].weight, "down", i)]
-                if up.bias is not None:
-                    sites.append((up.bias, "up_bias", i))
-            if view.experts is not None:
-                sites += [(view.experts.gate_up, "e_gate_up", i), (view.experts.down, "e_down", i)]
-        if self.head_quantized:
-            sites.append((adapter.lm_head.weight, "head", -1))
-        base = [(p, p.detach().clone(), role, i) for p, role, i in sites]
-        install_rotations(self.model, adapter, Rotations(qk=qk, down_kind="hadamard"))
-        apply_scheme(self.model, adapter, scheme, quantize_weights=False)
-        self.model.requires_grad_(False)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        self.sites = [(names[id(p)], w, role, i) for p, w, role, i in base]
-        self.current = None
-        adapter.embed.register_forward_hook(lambda _m, _a, out: out @ self.current.to(out.dtype))
-        if not self.head_quantized:
-            adapter.lm_head.register_forward_pre_hook(lambda _m, args: (args[0] @ self.current.T.to(args[0].dtype),))
-
-    def _param(self, w, role, r1, r2, s):
-        if role == "attn_norm":
-            return w / s["attn"] if "attn" in s else w
-        if role == "mlp_norm":
-            return w / s["mlp"] if "mlp" in s else w
-        if role == "out_bias":
-            return w @ r1
-        if role == "v_bias":
-            b = w.reshape(-1, self.hd) @ r2
-            return (b / s["ov"] if "ov" in s else b).reshape(-1)
-        if role == "up_bias":
-            return w / s["ud"] if "ud" in s else w
-        if role in ("qk", "v", "gate", "up", "router", "e_gate_up", "head"):
-            out = w @ r1
-            key = "attn" if role in ("qk", "v") else None if role == "head" else "mlp"
-            if key in s:
-                out = out * s[key]
-            if role == "v":
-                out = torch.einsum("ji,hjk->hik", r2, out.reshape(-1, self.hd, out.shape[-1]))
-                out = (out / s["ov"].unsqueeze(-1) if "ov" in s else out).reshape(w.shape)
-            elif role == "up" and "ud" in s:
-                out = out / s["ud"].unsqueeze(-1)
-            elif role == "e_gate_up" and "eud" in s:
-                inter = s["eud"].shape[-1]
-                out = torch.cat([out[:, :inter], out[:, inter:] / s["eud"].unsqueeze(-1)], dim=1)
-        elif role == "o":
-            heads = (w.reshape(w.shape[0], -1, self.hd) @ r2)
-            if "ov" in s:
-                heads = heads * s["ov"].repeat_interleave(self.kv_groups, dim=0)
-            out = r1.T @ heads.reshape(w.shape)
-        elif role == "down":
-            x = r1.T @ w
-            out = hadamard_transform(x * s["ud"] if "ud" in s else x)
-        elif role == "e_down":
-            x = torch.matmul(r1.T, w)
-            out = hadamard_transform(x * s["eud"].unsqueeze(1) if "eud" in s else x)
-        else:
-            raise ValueError(role)
-        if self.weight_format is not None and role != "router" and (role != "head" or self.head_quantized):
-            out = ste_quantize(out, self.weight_format)
-        return out
-
-    def logits(self, r1, r2s, scales, ids) -> torch.Tensor:
-        dtype = next(iter(self.model.parameters())).dtype
-        r1 = r1.to(dtype)
-        self.current = r1
-        try:
-            params = {}
-            for name, w, role, i in self.sites:
-                s = {k: v.to(dtype) for k, v in scales[i].items()} if i >= 0 else {}
-                params[name] = self._param(w, role, r1, r2s[i].to(dtype) if i >= 0 else None, s)
-            return torch.func.functional_call(self.model, params, (ids,), {"use_cache": False}).logits
-        finally:
-            self.current = None
-
-
 # ---- the method ---------------------------------------------------------------------------------------------
 
 
 class OSTQuantParams(RotationParams):  # weight_solver (default gptq), gptq_damp, gptq_block_size
-    steps: int = 100
-    batch_size: int = 32  # official: 4 per GPU x 8 GPUs
-    samples: int | None = None  # training windows; None: the cell's calibration windows
-    seqlen: int | None = None
-    rotate_lr: float = 1.5  # Cayley SGD (SpinQuant's value; see the module docstring)
-    scale_lr: float = 1.79e-3
-    scale_momentum: float = 0.9
-    top_k: int = 1000
+    steps: PositiveInt = 100
+    batch_size: PositiveInt = 32  # official: 4 per GPU x 8 GPUs
+    samples: PositiveInt | None = None  # training windows; None: the cell's calibration windows
+    seqlen: PositiveInt | None = None
+    rotate_lr: PositiveFloat = 1.5  # Cayley SGD (SpinQuant's value; see the module docstring)
+    scale_lr: PositiveFloat = 1.79e-3
+    scale_momentum: float = Field(0.9, ge=0, lt=1)
+    top_k: PositiveInt = 1000
     kl_renormalize: bool = False
     train_r1: bool = True
     train_r2: bool = True
@@ -276,12 +141,22 @@ class OSTQuantParams(RotationParams):  # weight_solver (default gptq), gptq_damp
     init: Literal["hadamard", "random"] = "hadamard"
 
 
+@dataclass(kw_only=True)
+class OSTState(RotationState):
+    """R1, the R2s, R3 (and R4 = "hadamard") as `rotations`, plus per layer the learned scalings
+    {"attn", "mlp": [d], "ov": [kv_heads, hd], "ud": [dense intermediate], "eud": [E, I]} (float64)."""
+
+    scales: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
 @register_method("ostquant")
 class OSTQuant(RotationMethod):
     """Learned R1/R2 + per-channel scalings (KL-Top loss), Hadamard R3/R4, then GPTQ or RTN."""
 
     version = 1
     Params = OSTQuantParams
+    state_type = OSTState
+    conformance_params = {"weight_solver": "rtn", "steps": 2, "batch_size": 2, "samples": 2, "top_k": 16}
 
     def calib_scheme_key(self, scheme):
         return scheme_to_dict(scheme)  # activations / KV (and weights) are in the training loop
@@ -302,7 +177,7 @@ class OSTQuant(RotationMethod):
         wfmt = getattr(ctx.scheme, "weight", None) if self.params.weight_quant_in_loop else None
         return OSTTrainingModel(ctx.model, ctx.scheme, self._qk(ctx), wfmt)
 
-    def calibrate(self, ctx: CalibContext) -> State:
+    def calibrate(self, ctx: CalibContext) -> OSTState:
         p = self.params
         device = next(ctx.model.parameters()).device
         windows = ctx.training_windows(self.params.samples, self.params.seqlen).to(device)
@@ -311,8 +186,8 @@ class OSTQuant(RotationMethod):
         t0 = time.perf_counter()
         losses = []
         page_in(ctx.model)
-        with MemoryMeter(device) as mem, torch.enable_grad(), straight_through_quantizers():
-            trainer = self.training_model(ctx)
+        with MemoryMeter(device) as mem, torch.enable_grad():
+            trainer = self.training_model(ctx)  # its quantizers are straight-through in its forward
             r1 = torch.nn.Parameter(r1_init.to(device), requires_grad=p.train_r1)
             r2s = [torch.nn.Parameter(r.to(device), requires_grad=p.train_r2) for r in r2_init]
             scales = [{k: torch.nn.Parameter(v.to(device), requires_grad=p.train_scales) for k, v in s.items()}
@@ -349,24 +224,23 @@ class OSTQuant(RotationMethod):
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         spread = [float((v - 1).abs().max()) for s in s_final for v in s.values()]
         metrics = {"loss_first": mean(losses[:quarter]), "loss_last": mean(losses[-quarter:]),
-                   "transform_seconds": round(seconds, 3), "transform_peak_mb": round(mem.peak_bytes / 2**20, 1),
+                   "transform_seconds": round(seconds, 3), "transform_peak_mb": round(mem.extra_bytes / 2**20, 1),
                    "steps": float(p.steps), "scale_max_change": max(spread) if spread else 0.0}
-        info = {"seed": ctx.seed, "init": p.init, "steps": p.steps, "losses": losses, "peak_bytes": mem.peak_bytes,
+        info = {"seed": ctx.seed, "init": p.init, "steps": p.steps, "losses": losses, "peak_bytes": mem.extra_bytes,
                 "peak_kind": mem.kind, "windows": list(windows.shape),
                 "orthogonality_error": max(orthogonality_error(r) for r in [r1_final, *r2_final]), "metrics": metrics}
-        rot = Rotations(residual=r1_final, qk=self._qk(ctx), down_kind="hadamard", heads=r2_final, info=info)
-        tensors = {**rot.to_tensors(), **scales_to_tensors(s_final)}
-        meta = {"steps": p.steps, "calib_peak_bytes": mem.peak_bytes, "down_kind": "hadamard", "info": info}
-        self.solve_weights(ctx, lambda work, adapter: install_ost(work, adapter, rot, s_final), tensors, meta)
-        return State(tensors=tensors, meta=meta)
+        rot = Rotations(residual=r1_final, qk=self._qk(ctx), down_kind="hadamard", heads=r2_final)
+        meta = {"steps": p.steps, "calib_peak_bytes": mem.extra_bytes, "info": info}
+        weights = self.solve_weights(ctx, lambda work, adapter: install_ost(work, adapter, rot, s_final), meta)
+        return OSTState(rotations=rot, scales=s_final, weights=weights, meta=meta)
 
-    def install(self, model, adapter, rot: Rotations, state: State) -> None:
-        install_ost(model, adapter, rot, scales_from_tensors(state.tensors, adapter.num_layers))
+    def install(self, model, adapter, state: OSTState) -> None:
+        install_ost(model, adapter, state.rotations, state.scales)
 
     def objective(self, ctx: CalibContext, r1, r2s, scales, ids) -> float:
         """The training loss (KL-Top of the quantized model) at the given transforms, without gradients."""
         trainer = self.training_model(ctx)
-        with torch.no_grad(), straight_through_quantizers():
+        with torch.no_grad():
             teacher = ctx.model(ids, use_cache=False).logits
             student = trainer.logits(r1, r2s, scales, ids)
         return float(kl_top(student, teacher, self.params.top_k, self.params.kl_renormalize))

@@ -24,8 +24,10 @@ from harness.method import CalibConfig, CalibContext
 from harness.models import get_adapter, make_tiny_model
 from harness.quant import apply_scheme, get_scheme
 from harness.registry import get_method
+from harness.quant.quantizer import quantizers
 from harness.rotation.install import Rotations, equivalence_error
-from harness.rotation.learn import orthogonality_error, straight_through_quantizers
+from harness.rotation.learn import orthogonality_error
+from harness.state import states_equal
 from harness.transforms import kronecker, random_orthogonal
 
 FAMILIES = ["llama", "qwen2", "qwen3_moe"]
@@ -164,8 +166,11 @@ def test_install_affine_rejects_unknown_and_unsupported_sites():
 
 
 @pytest.mark.parametrize("family", FAMILIES + ["qwen2_moe"])
-def test_random_affine_transforms_keep_logits(family):
-    """Random invertible (non-orthogonal) factors and diagonals at every site: quantizers off, same logits."""
+def test_random_affine_transforms_keep_logits(family, tmp_path):
+    """Random invertible (non-orthogonal) factors and diagonals at every site: quantizers off, same logits
+    (installed from the transforms as a saved and reloaded state holds them)."""
+    from methods.flatquant import FlatQuantState
+
     model, tok, adapter = make_tiny_model(family)
     ids = held_out(tok)
     with torch.no_grad():
@@ -190,8 +195,8 @@ def test_random_affine_transforms_keep_logits(family):
         if view.experts is not None:
             sites["experts_down"] = site(view.experts.intermediate_size)
         layers.append(sites)
-    tr = AffineTransforms(layers)
-    back = AffineTransforms.from_tensors(tr.to_tensors(), adapter.num_layers)
+    FlatQuantState(transforms=AffineTransforms(layers)).save(tmp_path / "state")
+    back = FlatQuantState.load(tmp_path / "state").transforms
     assert set(back.layers[1]) == set(layers[1]) and torch.equal(back.layers[1]["qkv"].p1, layers[1]["qkv"].p1)
     install_affine(model, adapter, back, qk=random_orthogonal(geo.head_dim, 5))
     assert equivalence_error(ref, model, ids) <= 1e-4
@@ -205,14 +210,14 @@ def test_flatquant_with_quantizers_off_keeps_logits(family):
     ref, out, ids, state, ctx = calibrate_and_apply("flatquant", FLAT, family)
     assert equivalence_error(ref, out, ids) <= 1e-4
     # the check is about learned, non-orthogonal transforms with diagonals
-    p1 = state.tensors["aff.0.qkv.p1"]
+    p1 = state.transforms.layers[0]["qkv"].p1
     assert orthogonality_error(p1) > 1e-4
-    assert float((state.tensors["aff.1.mlp.diag"] - 1).abs().max()) > 1e-2
-    sites = {k.split(".")[2] for k in state.tensors if k.startswith("aff.0.")}
+    assert float((state.transforms.layers[1]["mlp"].diag - 1).abs().max()) > 1e-2
+    sites = set(state.transforms.layers[0])
     assert sites == ({"qkv", "o", "mlp", "experts_down"} if family == "qwen3_moe" else {"qkv", "o", "mlp", "down"})
     n_layers, per_layer = 2, 4 * 2  # 8 windows, batch 4: 2 steps per epoch
     assert state.meta["steps"] == n_layers * per_layer
-    assert any(k.startswith("lwc.") for k in state.tensors) and any(k.startswith("clip.") for k in state.tensors)
+    assert any(state.weight_clips) and any(state.act_clips)
 
 
 def test_flatquant_is_deterministic_per_seed():
@@ -220,9 +225,8 @@ def test_flatquant_is_deterministic_per_seed():
     a = get_method("flatquant")(params).calibrate(context(seed=0))
     b = get_method("flatquant")(params).calibrate(context(seed=0))
     c = get_method("flatquant")(params).calibrate(context(seed=1))
-    assert a.tensors.keys() == b.tensors.keys()
-    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    assert not torch.equal(a.tensors["aff.0.qkv.p1"], c.tensors["aff.0.qkv.p1"])
+    assert states_equal(a, b, meta=False)
+    assert not torch.equal(a.transforms.layers[0]["qkv"].p1, c.transforms.layers[0]["qkv"].p1)
 
 
 @pytest.mark.parametrize("scheme", ["w4a4kv4", "mxfp4"])
@@ -256,13 +260,13 @@ def test_flatquant_learned_transforms_beat_their_init_and_the_identity(scheme):
 def test_flatquant_gptq_on_moe_and_quantized_model_runs():
     params = {**FLAT, "epochs": 1, "weight_solver": "gptq"}
     ref, out, ids, state, ctx = calibrate_and_apply("flatquant", params, "qwen3_moe", eval_scheme="w4a4kv4")
-    assert any(k.startswith("w.") and "experts" in k for k in state.tensors)
+    assert any("experts" in k for k in state.weights)
     with torch.no_grad():
         logits = out(ids).logits
     assert torch.isfinite(logits).all() and not torch.allclose(logits, ref)
     # activation clips are installed as the format's clip ratio
-    q = out.model.layers[0].self_attn.q_proj
-    assert q.act_format.clip_ratio == pytest.approx(float(state.tensors["clip.0.qkv"]), rel=1e-6)
+    q = get_adapter(out).layer(0).site("q")
+    assert q.act_format.clip_ratio == pytest.approx(state.act_clips[0]["qkv"], rel=1e-6)
     assert q.act_format.clip_ratio < 1.0
 
 
@@ -313,7 +317,7 @@ def test_ost_training_forward_is_the_quantized_inference_model(family):
     r1, r2s, _ = method.initial(ctx)
     scales = random_scales(method, ctx)
     ids = held_out(ctx.tokenizer, 2)
-    with torch.no_grad(), straight_through_quantizers():
+    with torch.no_grad():
         train_logits = method.training_model(ctx).logits(r1, r2s, scales, ids)
     model = copy.deepcopy(ctx.model)
     adapter = get_adapter(model)
@@ -324,6 +328,31 @@ def test_ost_training_forward_is_the_quantized_inference_model(family):
     assert float((train_logits - logits).abs().max() / logits.abs().max()) < 1e-9
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_ost_training_quantizers_are_straight_through(family):
+    """During the training forward every quantizer of the training copy that quantizes (activations,
+    experts, KV) passes gradients straight through, and only then; the loss reaches R1 and the scalings."""
+    ctx = context(family)
+    method = get_method("ostquant")(OST)
+    trainer = method.training_model(ctx)
+    active = [q for q in quantizers(trainer.model) if q.fmt is not None]
+    kv = [m.kv_quantizer for m in trainer.model.modules() if getattr(m, "kv_quantizer", None) is not None]
+    assert kv and all(q in active for q in kv if q.fmt is not None) and len(active) > len(kv)
+    seen = []
+    handle = trainer.model.register_forward_pre_hook(lambda *_: seen.append([q.straight_through for q in active]))
+    r1, r2s, scales = method.initial(ctx)
+    r1 = r1.clone().requires_grad_(True)
+    scales = [{k: v.clone().requires_grad_(True) for k, v in s.items()} for s in scales]
+    ids = held_out(ctx.tokenizer, 2)
+    with torch.enable_grad():
+        trainer.logits(r1, r2s, scales, ids).float().pow(2).mean().backward()
+    handle.remove()
+    assert seen == [[True] * len(active)]
+    assert not any(q.straight_through for q in active)
+    assert r1.grad is not None and float(r1.grad.abs().max()) > 0
+    assert float(scales[0]["attn"].grad.abs().max()) > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ostquant_with_quantizers_off_keeps_logits(family):
     ref, out, ids, state, ctx = calibrate_and_apply("ostquant", OST, family)
@@ -331,7 +360,7 @@ def test_ostquant_with_quantizers_off_keeps_logits(family):
     assert info["orthogonality_error"] < 1e-10
     assert info["metrics"]["scale_max_change"] > 1e-4  # the scalings were trained
     init = get_method("ostquant")(OST).initial(ctx)
-    assert not torch.allclose(state.tensors["rot.residual"], init[0], atol=1e-4)
+    assert not torch.allclose(state.rotations.residual, init[0], atol=1e-4)
     assert equivalence_error(ref, out, ids) <= 1e-4
     assert state.meta["steps"] == OST["steps"]
 
@@ -341,9 +370,8 @@ def test_ostquant_is_deterministic_per_seed():
     a = get_method("ostquant")(params).calibrate(context(seed=0))
     b = get_method("ostquant")(params).calibrate(context(seed=0))
     c = get_method("ostquant")(params).calibrate(context(seed=1))
-    assert a.tensors.keys() == b.tensors.keys()
-    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    assert not torch.equal(a.tensors["rot.residual"], c.tensors["rot.residual"])
+    assert states_equal(a, b, meta=False)
+    assert not torch.equal(a.rotations.residual, c.rotations.residual)
 
 
 def test_kl_top_loss():
@@ -375,11 +403,9 @@ def test_ostquant_beats_its_hadamard_init_on_its_loss(scheme):
         state = method.calibrate(ctx)
     ids = ctx.training_windows(method.params.samples, method.params.seqlen)
     r1, r2s, scales = method.initial(ctx)
-    from methods.ostquant import scales_from_tensors
-
-    learned = Rotations.from_tensors({k: v for k, v in state.tensors.items() if k.startswith("rot.")}, "hadamard")
+    learned = state.rotations
     before = method.objective(ctx, r1, r2s, scales, ids)
-    after = method.objective(ctx, learned.residual, learned.heads, scales_from_tensors(state.tensors, 2), ids)
+    after = method.objective(ctx, learned.residual, learned.heads, state.scales, ids)
     assert after < 0.95 * before, (before, after)
     losses = state.meta["info"]["losses"]
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -388,7 +414,7 @@ def test_ostquant_beats_its_hadamard_init_on_its_loss(scheme):
 def test_ostquant_gptq_runs_on_moe():
     ref, out, ids, state, _ = calibrate_and_apply("ostquant", {**OST, "steps": 2, "weight_solver": "gptq"},
                                                   "qwen3_moe", eval_scheme="w4a4kv4")
-    assert any(k.startswith("w.") for k in state.tensors)
+    assert state.weights
     with torch.no_grad():
         logits = out(ids).logits
     assert torch.isfinite(logits).all() and not torch.allclose(logits, ref)
