@@ -1,6 +1,8 @@
 """The calibration kit: the layer-wise driver, the accumulators, the nestable memory meter."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from harness.calib import (
@@ -140,11 +142,18 @@ def test_memory_meters_nest_without_spoiling_the_outer_peak(monkeypatch):
     assert outer.metrics("calib")["calib_peak_gpu_mb"] == round(1100 / 2**20, 1)
 
 
-def test_memory_meter_measures_host_memory():
-    with MemoryMeter() as outer:
-        with MemoryMeter() as inner:
-            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-            block += 1
-        del block
-    assert inner.extra_bytes > 32 * 2**20 and outer.peak_rss >= inner.peak_rss
+def test_memory_meter_samples_host_peaks_between_enter_and_exit(monkeypatch):
+    """The sampler thread catches a transient RSS peak that is gone by the time the block exits."""
+    rss = {"now": 1000}
+    monkeypatch.setattr(memory_module, "_rss", lambda: rss["now"])
+    with MemoryMeter(interval=0.005) as outer:
+        with MemoryMeter(interval=0.005) as inner:
+            rss["now"] = 5000
+            deadline = time.monotonic() + 5
+            while min(inner.peak_rss, outer.peak_rss) < 5000 and time.monotonic() < deadline:  # samplers run
+                time.sleep(0.01)
+            rss["now"] = 3000
+        rss["now"] = 1500
+    assert inner.peak_rss == 5000 and inner.extra_bytes == 4000
+    assert outer.peak_rss == 5000 and outer.start_rss == 1000
     assert inner.kind == "cpu_rss" and set(outer.metrics("x")) >= {"x_peak_mb", "x_extra_mb"}
