@@ -18,17 +18,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
-from harness.errors import PtqbenchError
+from harness.errors import PtqbenchError, UnknownNameError
 
 LIST_KINDS = ("methods", "formats", "schemes", "models", "tasks", "executors", "papers")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the same one line as every other bad input (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"ptqbench: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptqbench", description="LLM post-training quantization benchmark harness")
+    p = _OneLineParser(prog="ptqbench", description="LLM post-training quantization benchmark harness")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run an experiment spec (resumable)")
@@ -163,7 +172,7 @@ def _cmd_run(args) -> int:
     if not args.dry_run:
         store.open_for_writing()  # an unwritable results directory fails now, not after the first cell's work
     if args.device is not None:  # the local executor runs here: the device must exist here
-        from harness.spec.catalogs import check_device
+        from harness.devices import check_device
 
         check_device(args.device, need_available=args.executor == "local" and not args.dry_run)
     spec = load_spec(args.spec)
@@ -264,7 +273,11 @@ def _cmd_table(args) -> None:
         print("(no runs recorded)")
         return
     if args.spec:
+        if args.spec not in set(df["spec"]):
+            raise UnknownNameError("spec name in the recorded runs", args.spec, sorted(set(df["spec"].dropna())))
         df = df[df["spec"] == args.spec]
+    if args.metric and args.metric not in set(df["metric"]):
+        raise UnknownNameError("metric in the recorded runs", args.metric, sorted(set(df["metric"].dropna())))
     for (model, task), rows in df.groupby(["model", "task"], sort=True):
         metrics = [args.metric] if args.metric else sorted(set(rows["main_metric"].dropna()))
         for metric in metrics or ["ppl"]:
@@ -287,6 +300,25 @@ def _format_warning(message, category, filename, lineno, line=None, _default=Non
     return _default(message, category, filename, lineno, line)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised like Ctrl-C so that every `finally` runs (records kept, Ray shut down)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _terminate_as_interrupt() -> dict:
+    """Install the handlers; returns the previous ones (main() puts them back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import functools
     import warnings
@@ -296,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt._ptqbench = True  # type: ignore[attr-defined]
         warnings.formatwarning = fmt
     args = _parser().parse_args(argv)
+    previous_handlers = _terminate_as_interrupt()
     try:
         if args.command == "run":
             return _cmd_run(args)
@@ -320,9 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, UnicodeError) as exc:  # an unwritable output, a full disk: one line, not a traceback
         print(f"ptqbench: error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("ptqbench: interrupted; finished runs are recorded, rerun to resume", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

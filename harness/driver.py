@@ -1,13 +1,16 @@
 """The driver: decide which runs of a matrix are pending, hand them to an executor, write each record.
 
 Only the driver writes the store (and, through `on_record`, W&B), so executors may run cells anywhere.
+Several drivers may share one results directory: each run is claimed (harness.claims) when the executor
+draws its cell, so every run is computed once, by whichever driver gets to it first.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from harness import progress
+from harness.claims import Claim
 from harness.executors import Executor, get_executor
 from harness.spec import Cell, library_versions
 from harness.store import DONE, FAILED, Store, is_diverged
@@ -16,10 +19,11 @@ from harness.store import DONE, FAILED, Store, is_diverged
 @dataclass
 class Summary:
     total: int = 0
-    skipped: int = 0
+    skipped: int = 0  # already recorded, or computed by another driver meanwhile
     done: int = 0
     failed: int = 0
     diverged: int = 0  # of the failed ones: measured but above harness.runner.DIVERGED_PPL
+    elsewhere: int = 0  # of the skipped ones: claimed by another driver on the same results directory
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -28,40 +32,95 @@ class Summary:
         return self.failed - self.diverged
 
 
+def _settled(record: dict | None, retry_failed: bool) -> bool:
+    """Nothing left to compute: done, diverged, or failed with retries off."""
+    if not record:
+        return False
+    status = record.get("status")
+    return status == DONE or is_diverged(record) or (status == FAILED and not retry_failed)
+
+
+def _plan(cells: Iterable[Cell], store: Store, retry_failed: bool) -> tuple[list[Cell], int, dict[str, dict | None]]:
+    todo, skipped, seen = [], 0, {}
+    for cell in cells:
+        keep = set()
+        for task in cell.tasks:
+            rid = cell.run_ids[task.name]
+            record = store.get(rid)
+            if _settled(record, retry_failed):
+                skipped += 1
+            else:
+                keep.add(task.name)
+                seen[rid] = record
+        if keep:
+            todo.append(cell.with_tasks(keep))
+    return todo, skipped, seen
+
+
 def plan(cells: Iterable[Cell], store: Store, retry_failed: bool = True) -> tuple[list[Cell], int]:
     """Cells reduced to their tasks that still need running; and how many runs were skipped.
 
     Done and diverged runs are always skipped. Other failed runs are retried by default (a failure can
     be transient: out of memory, a killed worker); `retry_failed=False` skips them too.
     """
-    todo, skipped = [], 0
-    for cell in cells:
-        keep = set()
-        for task in cell.tasks:
-            record = store.get(cell.run_ids[task.name])
-            status = record.get("status") if record else None
-            if status == DONE or is_diverged(record) or (status == FAILED and not retry_failed):
-                skipped += 1
-            else:
-                keep.add(task.name)
-        if keep:
-            todo.append(cell.with_tasks(keep))
+    todo, skipped, _ = _plan(cells, store, retry_failed)
     return todo, skipped
+
+
+class _Claims:
+    """The runs this driver holds; cells are claimed as the executor draws them (lazily)."""
+
+    def __init__(self, store: Store, summary: Summary, seen: dict[str, dict | None]):
+        self.store, self.summary = store, summary
+        self.seen = seen  # run id -> its record when planned (None: no record)
+        self.held: dict[str, Claim] = {}
+
+    def cells(self, todo: list[Cell]) -> Iterator[Cell]:
+        for cell in todo:
+            keep = set()
+            for task in cell.tasks:
+                rid = cell.run_ids[task.name]
+                claim = self.store.claim("run", rid)
+                if not claim.try_acquire():
+                    self.summary.skipped += 1
+                    self.summary.elsewhere += 1
+                elif self._written_since_planned(rid):  # another driver ran it after we planned
+                    claim.release()
+                    self.summary.skipped += 1
+                else:
+                    self.held[rid] = claim
+                    keep.add(task.name)
+            if keep:
+                yield cell.with_tasks(keep)
+
+    def _written_since_planned(self, run_id: str) -> bool:
+        return self.store.get(run_id) != self.seen.get(run_id)
+
+    def release(self, run_id: str | None = None) -> None:
+        for rid in [run_id] if run_id is not None else list(self.held):
+            claim = self.held.pop(rid, None)
+            if claim is not None:
+                claim.release()
 
 
 def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Executor = "local",
                retry_failed: bool = True, on_record: Callable[[dict], None] | None = None) -> Summary:
     """Run every pending (cell, task), write each record as it arrives, and summarise."""
     store = store or Store()
-    todo, skipped = plan(cells, store, retry_failed)
+    todo, skipped, seen = _plan(cells, store, retry_failed)
     summary = Summary(total=sum(len(c.tasks) for c in cells), skipped=skipped)
     ex = get_executor(executor) if isinstance(executor, str) else executor
     # Versions are read once here so every record of this invocation reports the same ones.
     library_versions()
+    if todo:
+        store.open_for_writing()
+    claims = _Claims(store, summary, seen)
     bar = progress.bar(total=sum(len(c.tasks) for c in todo), desc="matrix", leave=True, unit="run")
+    records = ex.run(claims.cells(todo), store.root)
     try:
-        for record in ex.run(todo, store.root):
+        for record in records:
             store.write(record)
+            claims.release(record["run_id"])
             if record["status"] == DONE:
                 summary.done += 1
             else:
@@ -75,4 +134,8 @@ def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Ex
                 on_record(record)
     finally:
         bar.close()
+        # an interrupted matrix closes the executor's generator now, not at garbage collection
+        # (the Ray executor shuts down the cluster it started)
+        getattr(records, "close", lambda: None)()
+        claims.release()
     return summary

@@ -22,11 +22,11 @@ import torch
 
 from harness import progress
 from harness.calib import MemoryMeter
+from harness.devices import check_device
 from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
 from harness.quant.scheme import QuantScheme, get_scheme
 from harness.spec import Cell, TaskSpec, versions_for
-from harness.spec.catalogs import check_device
 from harness.store import DONE, FAILED, Store
 
 #: A perplexity above this (or NaN/Inf) marks the run as diverged: failed, with the value in the reason.
@@ -168,7 +168,8 @@ def base_record(cell: Cell, task: TaskSpec) -> dict[str, Any]:
         "method": cell.method, "method_label": cell.method_label, "method_params": cell.method_params,
         "method_version": cell.method_version, "scheme": cell.scheme_name, "scheme_config": cell.scheme_config,
         "calib": cell.calib, "calib_key": cell.calib_key, "seed": cell.seed, "dtype": cell.dtype,
-        "device": cell.device, "task": task.name, "task_kind": task.kind, "protocol": dict(task.protocol),
+        "device": cell.device, "task": task.name, "task_kind": task.kind,
+        "protocol": {**task.protocol, "threads": cell.threads},
         "versions": versions_for(task.kind), "host": platform.node(),
     }
 
@@ -183,27 +184,41 @@ class _CellState:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _load_cached(method: Method, cell: Cell, store: Store, out: _CellState) -> State:
+    state = store.load_calib(cell.calib_key, method.state_type, device="cpu")
+    info = state.meta.get("_ptqbench", {})
+    out.metrics.update(info.get("metrics", {}))
+    out.metrics["calib_cached"] = 1.0
+    out.timings["calib_load_s"] = 0.0
+    return state
+
+
 def _calibrate(method: Method, ctx: CalibContext, cell: Cell, store: Store, out: _CellState) -> State:
     if not method.needs_calibration:
         return method.calibrate(ctx)
     if store.has_calib(cell.calib_key):
-        state = store.load_calib(cell.calib_key, method.state_type, device="cpu")
-        info = state.meta.get("_ptqbench", {})
-        out.metrics.update(info.get("metrics", {}))
-        out.metrics["calib_cached"] = 1.0
-        out.timings["calib_load_s"] = 0.0
-        return state
-    t0 = time.perf_counter()
-    with MemoryMeter(cell.device) as mem:
-        state = method.calibrate(ctx)
-    elapsed = time.perf_counter() - t0
-    if not isinstance(state, State):
-        raise PtqbenchError(f"method {method.name!r}: calibrate must return a State, got {type(state).__name__}")
-    calib_metrics = {"calib_seconds": round(elapsed, 3), **mem.metrics("calib")}
-    if isinstance(state.meta.get("steps"), (int, float)):  # optimizer steps / grid points, as the method counts
-        calib_metrics["calib_steps"] = float(state.meta["steps"])
-    state.meta["_ptqbench"] = {"metrics": calib_metrics, "cell": cell.describe(), "created_at": _now()}
-    store.save_calib(cell.calib_key, state)
+        return _load_cached(method, cell, store, out)
+    # One process computes a calibration; another that needs it (a second driver, a Ray worker with
+    # another scheme of the same calibration) waits for it and loads it.
+    claim = store.claim("calib", cell.calib_key)
+    claim.acquire(on_wait=lambda: progress.write(f"{cell.describe()}: waiting for another process computing "
+                                                 f"this calibration ({claim.path})"))
+    try:
+        if store.has_calib(cell.calib_key):
+            return _load_cached(method, cell, store, out)
+        t0 = time.perf_counter()
+        with MemoryMeter(cell.device) as mem:
+            state = method.calibrate(ctx)
+        elapsed = time.perf_counter() - t0
+        if not isinstance(state, State):
+            raise PtqbenchError(f"method {method.name!r}: calibrate must return a State, got {type(state).__name__}")
+        calib_metrics = {"calib_seconds": round(elapsed, 3), **mem.metrics("calib")}
+        if isinstance(state.meta.get("steps"), (int, float)):  # optimizer steps / grid points, as the method counts
+            calib_metrics["calib_steps"] = float(state.meta["steps"])
+        state.meta["_ptqbench"] = {"metrics": calib_metrics, "cell": cell.describe(), "created_at": _now()}
+        store.save_calib(cell.calib_key, state)
+    finally:
+        claim.release()
     out.metrics.update(calib_metrics)
     out.metrics["calib_cached"] = 0.0
     return state
@@ -232,7 +247,21 @@ def _group_tasks(tasks: list[TaskSpec]) -> list[list[TaskSpec]]:
 def run_cell(cell: Cell, store: Store | str | os.PathLike | None = None, *,
              model_loader: Callable[[Cell], tuple] | None = None,
              evaluators: dict[str, Callable[..., dict[str, Any]]] | None = None) -> Iterator[dict[str, Any]]:
-    """Run every task of one cell; yields one record (done or failed) per task, as soon as it exists."""
+    """Run every task of one cell; yields one record (done or failed) per task, as soon as it exists.
+
+    torch runs the cell with `cell.threads` intra-op threads whatever the executor or machine gave the
+    process (CPU numbers depend on the thread count); the previous count is restored afterwards.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cell.threads)
+    try:
+        yield from _run_cell(cell, store, model_loader, evaluators)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader: Callable[[Cell], tuple] | None,
+              evaluators: dict[str, Callable[..., dict[str, Any]]] | None) -> Iterator[dict[str, Any]]:
     from harness.registry import get_method
 
     store = store if isinstance(store, Store) else Store(store)

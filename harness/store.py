@@ -7,6 +7,7 @@ never half a file. Calibration states are cached under `<results>/cache/calib/<k
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.claims import Claim
 from harness.errors import PtqbenchError, UnknownNameError
 
 DONE, FAILED = "done", "failed"
@@ -162,8 +164,10 @@ class Store:
         return inside(self.runs, self.runs / f"{run_id}.json", "run record")
 
     def write(self, record: dict[str, Any]) -> Path:
-        if "run_id" not in record or record.get("status") not in (DONE, FAILED):
-            raise PtqbenchError(f"record needs a run_id and status done|failed, got {sorted(record)}")
+        if "run_id" not in record:
+            raise PtqbenchError(f"a record needs a run_id; got the keys {sorted(record)[:20]}")
+        if record.get("status") not in (DONE, FAILED):
+            raise PtqbenchError(f"invalid record status {str(record.get('status'))[:80]!r}; valid: {DONE}, {FAILED}")
         path = self.path(record["run_id"])
         self.open_for_writing()
         _atomic_write_text(path, json.dumps(_json_safe(record), sort_keys=True, indent=1, default=str) + "\n")
@@ -211,7 +215,14 @@ class Store:
         record = self.get(run_id)
         return None if record is None else record.get("status")
 
+    def check_readable(self) -> None:
+        """A one-line error when the results directory (or its runs/) exists but is not a directory."""
+        for d in (self.root, self.runs):
+            if d.exists() and not d.is_dir():
+                raise PtqbenchError(f"results directory {str(self.root)!r} is not usable: {str(d)!r} is not a directory")
+
     def records(self) -> Iterator[dict[str, Any]]:
+        self.check_readable()
         if not self.runs.is_dir():
             return
         for path in sorted(self.runs.glob("*.json")):
@@ -224,6 +235,7 @@ class Store:
     def find(self, prefix: str) -> dict[str, Any]:
         """The record whose run id starts with `prefix` (unique)."""
         check_name("run id", prefix)
+        self.check_readable()
         matches = sorted(p.stem for p in self.runs.glob(f"{glob_escape(prefix)}*.json") if not p.name.startswith("."))
         if len(matches) == 1:
             record = self.get(matches[0])
@@ -234,6 +246,12 @@ class Store:
             known = [p.stem for p in self.runs.glob("*.json")] if self.runs.is_dir() else []
             raise UnknownNameError(f"run id in {self.runs}", prefix, known[:20] or ["(no runs)"])
         raise PtqbenchError(f"run id prefix {prefix!r} is ambiguous: {', '.join(matches[:10])}")
+
+    # --- claims (concurrent drivers) ----------------------------------------------------------
+    def claim(self, kind: str, key: str) -> Claim:
+        """The claim on a run (`kind="run"`, key = run id) or a calibration (`"calib"`, its cache key)."""
+        check_name(f"{kind} key", key)
+        return Claim(self.root / "claims", f"{kind}-{key}")
 
     # --- calibration cache ---------------------------------------------------------------------
     def calib_dir(self, key: str) -> Path:
@@ -274,10 +292,12 @@ class Store:
         try:
             state.save(tmp)
             write_manifest(tmp)
-            if final.exists():  # a concurrent writer got there first: identical content by construction
-                shutil.rmtree(tmp)
-            else:
+            try:
                 os.replace(tmp, final)
+            except OSError as exc:  # a concurrent writer got there first: identical content by construction
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                    raise
+                shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

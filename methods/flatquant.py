@@ -31,7 +31,6 @@ paper's FlatQuant-RTN, default) or GPTQ on the transformed weights.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -107,7 +106,7 @@ class FlatQuantParams(MethodParams):
     diag_alpha: float = Field(0.3, ge=0, le=1)
     lwc: bool = True
     lac: bool = True
-    clip_init: float = 4.0  # clip ratio sigmoid(θ), θ = clip_init at init
+    clip_init: float = Field(4.0, ge=-20, le=20)  # clip ratio sigmoid(θ), θ = clip_init at init (saturated beyond ±20)
     weight_quant_in_loop: bool = True
     o_transform: bool = True
     rotate_kv: bool = True  # Hadamard on Q/K after RoPE when the scheme quantizes the KV cache

@@ -20,6 +20,10 @@ class DatasetMissingError(PtqbenchError, FileNotFoundError):
     """A known dataset whose file is not in the configured data directory (or the hub load failed)."""
 
 
+class DataFileError(PtqbenchError):
+    """A dataset file of the mirror that is there but unreadable: not UTF-8, a line that is not JSON."""
+
+
 @dataclass(frozen=True)
 class Source:
     """One split of one dataset: its file in the mirror and how to get the same rows from the hub."""
@@ -126,14 +130,36 @@ def mirror_path(name: str, split: str) -> Path:
     return path
 
 
-def _mirror_rows(name: str, path: Path, field: str | None) -> list[Any]:
-    if path.suffix == ".jsonl":
+def _read_lines(path: Path) -> list[str]:
+    try:
         with path.open(encoding="utf-8") as f:
-            objs = [json.loads(line) for line in f if line.strip()]
+            return list(f)
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise DataFileError(f"data file {path} is not UTF-8 text (line {line}, byte {exc.start}: "
+                                  f"{exc.reason}); re-download it or fix the mirror") from None
+    except OSError as exc:
+        raise DataFileError(f"data file {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _mirror_rows(name: str, path: Path, field: str | None) -> list[Any]:
+    lines = _read_lines(path)
+    if path.suffix == ".jsonl":
+        objs = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise DataFileError(f"data file {path} line {number} is not JSON ({exc.msg}); "
+                                          f"re-download it or fix the mirror") from None
+            if field and not (isinstance(obj, dict) and field in obj):
+                raise DataFileError(f"data file {path} line {number} has no {field!r} field "
+                                          f"(a JSON {type(obj).__name__}); re-download it or fix the mirror")
+            objs.append(obj)
         return [o[field] for o in objs] if field else objs
     # Plain-text corpora. Iterating the file object gives exactly the rows the hub loaders yield.
-    with path.open(encoding="utf-8") as f:
-        lines = list(f)
     if name == "wikitext2":
         # hub wikitext rows: a non-blank line keeps its trailing "\n", a blank line becomes ""
         return [line if line.strip() else "" for line in lines]

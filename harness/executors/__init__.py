@@ -9,7 +9,7 @@ add executors through the `ptqbench.executors` entry-point group, e.g. in their 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ class Executor:
 
     name = "base"
 
-    def run(self, cells: list, store_root: Path) -> Iterator[dict[str, Any]]:
+    def run(self, cells: Iterable, store_root: Path) -> Iterator[dict[str, Any]]:
+        """`cells` is drawn lazily: the driver claims a cell's runs as it is drawn, so an executor that
+        takes one cell at a time shares a matrix with other drivers on the same results directory."""
         raise NotImplementedError
 
 

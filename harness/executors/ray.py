@@ -18,8 +18,10 @@ Scheduling rules:
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness.errors import PtqbenchError
 from harness.executors import Executor, register_executor
 from harness.runner import base_record, one_line_error, run_cell
 from harness.store import FAILED
@@ -48,20 +51,39 @@ def gpus_for_model(model: str, cluster_gpus: float) -> float:
     return min(needed, cluster_gpus)
 
 
+_RAY_HOME: str | None = None
+
+
 def ray_home() -> str:
-    """A HOME for Ray holding the bootstrap config that stops its cloud-metadata probe."""
-    home = Path(tempfile.gettempdir()) / "ptqbench-ray-home"
-    home.mkdir(exist_ok=True)
-    (home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
-    return str(home)
+    """A private HOME for Ray holding the bootstrap config that stops its cloud-metadata probe.
+
+    A fresh 0700 directory per process (`mkdtemp` creates it atomically and never follows a link), removed at
+    exit: a fixed path under the shared temp dir let anyone plant a symlink there and have its target
+    overwritten.
+    """
+    global _RAY_HOME
+    if _RAY_HOME is None or not Path(_RAY_HOME).is_dir():
+        _RAY_HOME = tempfile.mkdtemp(prefix="ptqbench-ray-home-")
+        atexit.register(shutil.rmtree, _RAY_HOME, ignore_errors=True)
+        # O_EXCL: never through a link, even one planted between mkdtemp and here (the dir is 0700 anyway)
+        fd = os.open(Path(_RAY_HOME) / "ray_bootstrap_config.yaml", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("provider: {type: local}\n")
+    return _RAY_HOME
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None):
-    """Start (or join) Ray with the offline settings; returns the ray module."""
+def import_ray():
+    """The ray module, imported with the offline settings in the environment."""
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}.items():
         os.environ.setdefault(key, value)
     import ray
 
+    return ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Start (or join) Ray with the offline settings; returns the ray module."""
+    ray = import_ray()
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
@@ -78,6 +100,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+class ResourceError(PtqbenchError):
+    """A cell asks for more CPUs or GPUs than any node of the cluster has (Ray would wait forever)."""
+
+
+def largest_node(ray) -> dict[str, float]:
+    """The most CPUs and GPUs one alive node offers (a task runs on one node)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
+
+
 def _run_cell_remote(cell, store_root: str) -> list[dict[str, Any]]:
     import harness  # noqa: F401  (offline defaults inside the worker)
 
@@ -88,23 +120,44 @@ def _run_cell_remote(cell, store_root: str) -> list[dict[str, Any]]:
 class RayExecutor(Executor):
     """One Ray task per cell; see the module docstring for the rules."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_cell: float = 1,
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_cell: float | None = None,
                  max_retries: int = 2, resources: dict[str, Any] | None = None):
         self.address, self.num_cpus = address, num_cpus
         self.cpus_per_cell, self.max_retries = cpus_per_cell, max_retries
         self.resources = resources or {}
 
-    def _options(self, cell, cluster_gpus: float) -> dict[str, Any]:
+    def _options(self, cell, node: dict[str, float]) -> dict[str, Any]:
+        """Ray options of one cell; `node` is the largest CPU and GPU count of one alive node."""
         wanted = {**self.resources, **getattr(cell, "resources", {})}  # the spec's request wins
         gpus = wanted.get("num_gpus")
         if gpus is None:
-            gpus = gpus_for_model(cell.model, cluster_gpus)
-        return {"num_cpus": wanted.get("num_cpus", self.cpus_per_cell), "num_gpus": gpus,
-                "max_retries": self.max_retries, "retry_exceptions": False}
+            gpus = gpus_for_model(cell.model, node["GPU"])
+        # a cell computes with cell.threads torch threads whatever it is given (its numbers depend on them);
+        # by default it asks for as many CPUs as a node can give, up to that
+        cpus = wanted.get("num_cpus", self.cpus_per_cell)
+        if cpus is None:
+            cpus = min(cell.threads, node["CPU"])
+        for key, asked, have in (("num_cpus", cpus, node["CPU"]), ("num_gpus", gpus, node["GPU"])):
+            if asked < 0 or asked > have:
+                raise ResourceError(f"{cell.describe()}: resources {key}={asked:g} cannot be scheduled: "
+                                    f"the largest node of this Ray cluster has {have:g}")
+        return {"num_cpus": cpus, "num_gpus": gpus, "max_retries": self.max_retries, "retry_exceptions": False}
 
     def run(self, cells, store_root) -> Iterator[dict[str, Any]]:
+        started_here = not import_ray().is_initialized()
         ray = init_ray(self.address, self.num_cpus)
-        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        try:
+            yield from self._run(ray, cells, store_root)
+        finally:
+            # a cluster this run started ends with it (also on Ctrl-C / SIGTERM, which the CLI turns into
+            # KeyboardInterrupt): its agents would otherwise outlive the driver for minutes
+            if started_here:
+                ray.shutdown()
+
+    def _run(self, ray, cells, store_root) -> Iterator[dict[str, Any]]:
+        cells = list(cells)  # drawing claims them (harness.driver): Ray takes the whole matrix at once
+        node = largest_node(ray)
+        options = {id(cell): self._options(cell, node) for cell in cells}  # every request checked before any work
         # max_calls=1: a fresh worker process per cell, so nothing leaks from one model to the next
         remote = ray.remote(max_calls=1)(_run_cell_remote)
         # cells sharing a calibration run in sequence: the first fills the cache for the others
@@ -115,7 +168,7 @@ class RayExecutor(Executor):
 
         def submit(key: str) -> None:
             cell = chains[key].pop(0)
-            ref = remote.options(**self._options(cell, cluster_gpus)).remote(cell, str(store_root))
+            ref = remote.options(**options[id(cell)]).remote(cell, str(store_root))
             pending[ref] = (key, cell)
 
         for key in list(chains):

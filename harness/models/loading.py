@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from harness.devices import check_device
 from harness.errors import PtqbenchError, UnknownNameError
 from harness.models.registry import ALIASES, list_models
 
@@ -159,6 +160,33 @@ class _DiskShaCache:
             pass
 
 
+GGUF_MAGIC = b"GGUF"
+#: A saved transformers model: its config and weights in one of these forms.
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
+def check_gguf_header(path: Path) -> None:
+    """A one-line error for a file that cannot be a GGUF model (wrong magic, or shorter than its header)."""
+    with open(path, "rb") as f:
+        head = f.read(24)  # magic, version (u32), tensor count (u64), metadata count (u64)
+    if head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r})")
+    if len(head) < 24:
+        raise ModelLoadError(f"GGUF file {path} is truncated ({len(head)} bytes, shorter than its header)")
+
+
+def check_model_dir(path: Path) -> None:
+    """A one-line error for a directory that is not a saved transformers model."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        missing.append(f"weights ({', '.join(WEIGHT_FILES)})")
+    if missing:
+        raise ModelLoadError(f"model directory {str(path)!r} is not a saved transformers model: no "
+                             f"{' and no '.join(missing)} in it")
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
@@ -172,13 +200,16 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
         if "tiny" in entry:
             return ModelInfo(name, "tiny", alias=name, family=entry["tiny"])
         path = _gguf_file(entry["gguf_package"], entry["pip"], entry.get("gguf_file"))
+        check_gguf_header(path)
         return ModelInfo(name, "gguf", alias=name, path=str(path), sha256=file_sha256(path))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {name!r} does not exist")
+        check_gguf_header(path)
         return ModelInfo(name, "gguf", path=str(path.resolve()), sha256=file_sha256(path))
     if path.is_dir():
+        check_model_dir(path)
         return ModelInfo(name, "dir", path=str(path.resolve()), content=dir_content_hash(path))
     if _looks_like_path(name):
         raise ModelLoadError(f"model directory {name!r} does not exist")
@@ -238,8 +269,9 @@ def _load_gguf(info: ModelInfo, dtype: torch.dtype, trust_remote_code: bool, cac
         # float32 first: the dequantised values are exact there; the cache keeps those bits
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code, **_dequantize_kwargs())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load GGUF file {info.path!r}: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails deep in the GGUF parser (struct.error, ...)
+        raise ModelLoadError(f"cannot load GGUF file {info.path!r} (truncated or damaged?): "
+                             f"{type(exc).__name__}: {_one_line(exc)}") from None
     if cache_dir is not None:
         _write_cache(cache_dir, model, tokenizer, info)
     return model.to(dtype), tokenizer, None
@@ -309,6 +341,7 @@ def load_model(name: str, revision: str | None = None, dtype: torch.dtype | str 
 
             raise InvalidValueError("dtype", dtype, "float32, bfloat16, float16, float64")
         dtype = getattr(torch, dtype)
+    check_device(device)  # "tpu", or cuda without a GPU: one line, not torch's error
     info = model_info(name, revision)
     if info.kind == "tiny":
         model, tokenizer, _ = make_tiny_model(info.family, dtype=dtype)
@@ -348,6 +381,9 @@ def _load_pretrained(info: ModelInfo, dtype: torch.dtype, trust_remote_code: boo
                    else f"it could not be fetched from the hub ({_one_line(exc)})")
             raise ModelLoadError(f"cannot load hub model {info.hub_id!r} (revision {info.revision}): {why}") from None
         raise ModelLoadError(f"cannot load model directory {info.path!r}: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged weights file (SafetensorError, ...), a bad config
+        where = f"hub model {info.hub_id!r}" if info.kind == "hub" else f"model directory {info.path!r}"
+        raise ModelLoadError(f"cannot load {where}: {type(exc).__name__}: {_one_line(exc)}") from None
     return model, tokenizer
 
 

@@ -94,30 +94,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-DEVICE_NAMES = "cpu, cuda, cuda:N, mps"
-
-
-def check_device(device: str, need_available: bool = True) -> None:
-    """One line for a device name torch cannot use (`tpu`), or, with `need_available`, one this machine
-    lacks (`cuda` without a GPU). A driver may plan for devices it lacks (Ray workers have the GPUs)."""
-    import re
-
-    import torch
-
-    from harness.errors import InvalidValueError
-
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(device)):
-        raise InvalidValueError("device", device, DEVICE_NAMES)
-    if not need_available or device == "cpu":
-        return
-    if device == "mps":
-        ok, seen = torch.backends.mps.is_available(), "no MPS device"
-    else:
-        index = int(device.partition(":")[2] or 0)
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ok, seen = index < count, f"{count} CUDA device(s)"
-    if not ok:
-        raise InvalidValueError("device", device, f"a device this machine has (torch sees {seen}); use cpu")
+from harness.devices import DEVICE_NAMES, check_device  # noqa: E402,F401  (re-exported: the spec's devices)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from harness.spec.hashing import canon
-from harness.spec.schema import NOT_HASHED
+from harness.spec.schema import DEFAULT_THREADS, NOT_HASHED
 
 if TYPE_CHECKING:
     from harness.method import MethodParams
@@ -52,6 +52,7 @@ class Cell:
     calib_key: str = ""
     scale: str | None = None
     resources: dict[str, float] = field(default_factory=dict)  # scheduler request; never hashed
+    threads: int = DEFAULT_THREADS  # torch intra-op threads while the cell runs (hashed when not the default)
 
     @property
     def method_params(self) -> dict[str, Any]:

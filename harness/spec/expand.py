@@ -19,7 +19,7 @@ from harness.errors import PtqbenchError
 from harness.spec.cells import Cell, TaskSpec
 from harness.spec.hashing import calib_key, run_id
 from harness.spec.locate import Located, SpecError, load_yaml, one_line, pydantic_error, short
-from harness.spec.schema import valid_seed
+from harness.spec.schema import DEFAULT_THREADS, valid_seed
 from harness.spec.schema import (KIND_SETTINGS, MERGED_MAPPINGS, RULE_KEYS, CalibSettings, Matrix, MethodEntry,
                                  SpecFile)
 
@@ -96,6 +96,7 @@ class _Resolved:
     include: list[dict[str, Any]]
     exclude: list[dict[str, Any]]
     resources: dict[str, float]
+    threads: int
 
 
 def _need(where: Located, merged: dict, origin: dict, key: str, scale: str | None, spec: Spec) -> list:
@@ -232,7 +233,8 @@ def _resolve_names(spec: Spec, scale: str | None, check_only: bool) -> _Resolved
         for i, rule in enumerate(rules):
             _check_rule(where, loc(key, i), rule, labels=[label for _, _, label, _ in methods], matrix=matrix)
     return _Resolved(models, methods, schemes, tasks, calibs, list(seeds), merged.get("dtype") or "auto",
-                     include, exclude, dict(merged.get("resources") or {}))
+                     include, exclude, dict(merged.get("resources") or {}),
+                     merged.get("threads") or DEFAULT_THREADS)
 
 
 def _safe_name(value: Any) -> bool:
@@ -405,7 +407,7 @@ def expand(spec: Spec, scale: str | None = None, device: str | None = None, reso
                             scheme_config=scheme_config,
                             calib=calib if cls.needs_calibration else {}, seed=seed, dtype=dtype,
                             device=device, tasks=list(resolved.tasks), scale=scale,
-                            resources=resolved.resources,
+                            resources=resolved.resources, threads=resolved.threads,
                         )
                         total += len(cell.tasks)
                         keep = [t for t in cell.tasks

@@ -10,6 +10,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from harness.spec.schema import DEFAULT_THREADS
+
 if TYPE_CHECKING:
     from harness.spec.cells import Cell, TaskSpec
 
@@ -45,8 +47,11 @@ def versions_for(task_kind: str | None) -> dict[str, str]:
 
 
 def _model_identity(cell: Cell) -> dict[str, Any]:
-    return {"model": cell.model, "revision": cell.revision, "source": cell.model_source,
-            "dtype": cell.dtype, "device": cell.device}
+    identity = {"model": cell.model, "revision": cell.revision, "source": cell.model_source,
+                "dtype": cell.dtype, "device": cell.device}
+    if cell.threads != DEFAULT_THREADS:  # the default is left out: run ids from before `threads` stay valid
+        identity["threads"] = cell.threads
+    return identity
 
 
 def calib_key(cell: Cell, calib_scheme: Any) -> str:

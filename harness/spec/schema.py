@@ -5,7 +5,7 @@ them one by one, which gives better errors than pydantic unions do.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
@@ -65,8 +65,10 @@ class Matrix(Strict):
     include: list[Any] | None = None
     exclude: list[Any] | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    # torch's intra-op threads for every cell (CPU reductions such as a Cholesky depend on it); see DEFAULT_THREADS
+    threads: int | None = Field(default=None, ge=1, le=1024, strict=True)
     # what one cell asks the scheduler for (Ray), e.g. {num_gpus: 2}; not part of any run id
-    resources: dict[Literal["num_gpus", "num_cpus"], float] | None = None
+    resources: dict[Literal["num_gpus", "num_cpus"], Annotated[float, Field(ge=0, le=1e6)]] | None = None
 
 
 class SpecFile(Matrix):
@@ -85,6 +87,10 @@ class SpecFile(Matrix):
 #: Keys a scale merges into the top level key by key (every other key it replaces).
 MERGED_MAPPINGS = ("ppl", "lm_eval", "kl")
 SEED_LIMIT = 2 ** 63
+#: torch intra-op threads of a cell unless the spec says `threads:`. CPU results depend on the thread count
+#: (a blocked Cholesky or reduction sums in another order), so it is fixed per cell, not taken from the machine:
+#: the same run id gives the same number under every executor. 2 is the CI machine's core count.
+DEFAULT_THREADS = 2
 
 
 def valid_seed(value: Any) -> bool:

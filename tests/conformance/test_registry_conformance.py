@@ -184,6 +184,40 @@ def test_params(name):
     print(f"{name}: ill-typed values rejected for {checked}")
 
 
+def _bounds(info) -> list:
+    """The ge/gt/le/lt constraints of a field, its own and those inside Optional[Annotated[...]]."""
+    import annotated_types
+
+    found = [m for m in info.metadata if isinstance(m, annotated_types.BaseMetadata)]
+    stack = [info.annotation]
+    while stack:
+        annotation = stack.pop()
+        if typing.get_origin(annotation) is typing.Annotated:
+            found += [m for m in typing.get_args(annotation)[1:] if isinstance(m, annotated_types.BaseMetadata)]
+        stack += list(typing.get_args(annotation))
+    return [m for m in found if isinstance(m, (annotated_types.Ge, annotated_types.Gt, annotated_types.Le,
+                                                annotated_types.Lt))]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_numeric_param_has_a_range(name):
+    """(#11.6) Unbounded params ran: spinquant `steps: -5` was recorded as done, untrained; `batch_size: 0`
+    and a negative `block` gave raw torch errors. Every numeric param carries its range, and a value just
+    outside it (or NaN) is a one-line error naming the param."""
+    cls = get_method(name)
+    for field_name, info in cls.Params.model_fields.items():
+        if "number" not in _scalar_kinds(info.annotation):
+            continue
+        bounds = _bounds(info)
+        assert bounds, f"{name}.{field_name} has no range: give it ge/gt (and le/lt) in its Params"
+        for bound in bounds:
+            lower = hasattr(bound, "ge") or hasattr(bound, "gt")
+            limit = next(getattr(bound, k) for k in ("ge", "gt", "le", "lt") if hasattr(bound, k))
+            outside = limit - 1 if lower else limit + 1
+            _one_line_invalid(cls, {field_name: outside}, field_name)
+        _one_line_invalid(cls, {field_name: float("nan")}, field_name)
+
+
 # ---- b. state round trip -----------------------------------------------------------------------------
 
 

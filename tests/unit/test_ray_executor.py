@@ -71,6 +71,8 @@ def test_ray_gives_the_same_numbers_as_local(tmp_path, cluster):
     assert summary.failed == 0 and summary.done == 3
     assert values(remote) == values(local)
     assert all(r["executor"] == "ray" for r in remote.records())
+    # (#11.2) each worker computed with the cell's thread count, recorded in the protocol like the local run's
+    assert {r["protocol"]["threads"] for r in remote.records()} == {r["protocol"]["threads"] for r in local.records()} == {2}
 
 
 def test_a_killed_worker_is_retried_and_the_cell_completes(tmp_path, cluster):

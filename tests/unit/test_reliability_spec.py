@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import engine_fakes  # noqa: E402
 
-from harness.errors import InvalidValueError, PtqbenchError  # noqa: E402
+from harness.errors import InvalidValueError  # noqa: E402
 from harness.spec import SpecError, load_spec  # noqa: E402
 
 

@@ -1,3 +1,5 @@
+import pytest
+
 from harness.executors.ray import gpus_for_model, ray_home
 
 
@@ -37,9 +39,48 @@ scales:
     assert plain[0].run_ids == big[0].run_ids  # where a cell runs never changes its number's id
     assert big[0].resources == {"num_gpus": 3}
     ex = RayExecutor()
-    assert ex._options(big[0], cluster_gpus=8)["num_gpus"] == 3
-    assert ex._options(plain[0], cluster_gpus=8)["num_gpus"] == 1  # the size rule
-    assert ex._options(plain[0], cluster_gpus=0)["num_gpus"] == 0
+    assert ex._options(big[0], {"CPU": 16, "GPU": 8})["num_gpus"] == 3
+    assert ex._options(plain[0], {"CPU": 16, "GPU": 8})["num_gpus"] == 1  # the size rule
+    assert ex._options(plain[0], {"CPU": 16, "GPU": 0})["num_gpus"] == 0
+
+
+def _cell(tmp_path, extra: str = ""):
+    from harness.spec import load_spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: r\nmodels: [tiny-llama]\nmethods: [rtn]\nschemes: [w4a4]\ntasks: [wikitext2]\n" + extra)
+    return load_spec(path).cells()[0]
+
+
+def test_a_cell_asks_ray_for_its_threads_capped_by_the_node(tmp_path):
+    from harness.executors.ray import RayExecutor
+
+    cell = _cell(tmp_path, "threads: 4\n")
+    assert cell.threads == 4
+    assert RayExecutor()._options(cell, {"CPU": 16, "GPU": 0})["num_cpus"] == 4
+    assert RayExecutor()._options(cell, {"CPU": 2, "GPU": 0})["num_cpus"] == 2  # oversubscribed, same numbers
+    assert RayExecutor(cpus_per_cell=1)._options(cell, {"CPU": 16, "GPU": 0})["num_cpus"] == 1
+
+
+@pytest.mark.parametrize("resources, key", [("{num_cpus: 64}", "num_cpus=64"), ("{num_gpus: 1}", "num_gpus=1")])
+def test_an_infeasible_resource_request_fails_in_one_line_before_any_work(tmp_path, resources, key):
+    """(#11.14) Ray would wait forever for a task no node can hold."""
+    from harness.executors.ray import RayExecutor, ResourceError
+
+    cell = _cell(tmp_path, f"resources: {resources}\n")
+    with pytest.raises(ResourceError) as err:
+        RayExecutor()._options(cell, {"CPU": 2, "GPU": 0})
+    assert key in str(err.value) and "largest node" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("resources", ["{num_cpus: -1}", "{num_gpus: -0.5}", "{num_cpus: abc}"])
+def test_a_negative_or_non_numeric_resource_is_a_spec_error(tmp_path, resources):
+    """(#11.14) A negative request gave Ray's traceback."""
+    from harness.spec import SpecError
+
+    with pytest.raises(SpecError) as err:
+        _cell(tmp_path, f"resources: {resources}\n")
+    assert "resources" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bad_resources_key_is_a_one_line_error(tmp_path):
