@@ -27,6 +27,7 @@ from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
 from harness.quant.scheme import QuantScheme, get_scheme
 from harness.spec import Cell, TaskSpec, versions_for
+from harness.spec.code import method_code_hash
 from harness.store import DONE, FAILED, Store
 
 #: A perplexity above this (or NaN/Inf) marks the run as diverged: failed, with the value in the reason.
@@ -170,7 +171,7 @@ def base_record(cell: Cell, task: TaskSpec) -> dict[str, Any]:
         "calib": cell.calib, "calib_key": cell.calib_key, "seed": cell.seed, "dtype": cell.dtype,
         "device": cell.device, "task": task.name, "task_kind": task.kind,
         "protocol": {**task.protocol, "threads": cell.threads},
-        "versions": versions_for(task.kind), "host": platform.node(),
+        "versions": versions_for(task.kind), "code": method_code_hash(cell.method_module), "host": platform.node(),
     }
 
 

@@ -40,6 +40,7 @@ class Cell:
     method_label: str
     params: MethodParams  # validated once, when the spec is expanded; the method is built from it
     method_version: int
+    method_module: str  # where the method class is defined: its code (and the engine's) is hashed into the ids
     scheme_name: str | None
     scheme: Any
     scheme_config: dict[str, Any] | None

@@ -403,7 +403,7 @@ def expand(spec: Spec, scale: str | None = None, device: str | None = None, reso
                         cell = Cell(
                             spec_name=spec.name, model=model, revision=revision, model_source=source,
                             method=cls.name, method_label=cell_label, params=params,
-                            method_version=int(cls.version), scheme_name=scheme_name, scheme=scheme,
+                            method_version=int(cls.version), method_module=cls.__module__, scheme_name=scheme_name, scheme=scheme,
                             scheme_config=scheme_config,
                             calib=calib if cls.needs_calibration else {}, seed=seed, dtype=dtype,
                             device=device, tasks=list(resolved.tasks), scale=scale,

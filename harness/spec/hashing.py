@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from harness.spec.code import calib_code_hash, method_code_hash
 from harness.spec.schema import DEFAULT_THREADS
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def calib_key(cell: Cell, calib_scheme: Any) -> str:
     """Cache key of a cell's calibration state: no task, and only the scheme part the method uses."""
     return content_hash({
         "kind": "calib", **_model_identity(cell), "method": cell.method, "params": cell.method_params,
-        "method_version": cell.method_version, "calib": cell.calib, "seed": cell.seed,
+        "method_version": cell.method_version, "code": calib_code_hash(cell.method_module), "calib": cell.calib, "seed": cell.seed,
         "scheme": calib_scheme, "versions": versions_for(None),
     }, 20)
 
@@ -67,7 +68,7 @@ def run_key(cell: Cell, task: TaskSpec) -> dict[str, Any]:
     """Everything that changes the number of one (cell, task) run."""
     return {
         "kind": "run", **_model_identity(cell), "method": cell.method, "params": cell.method_params,
-        "method_version": cell.method_version, "scheme": cell.scheme_config, "calib": cell.calib,
+        "method_version": cell.method_version, "code": method_code_hash(cell.method_module), "scheme": cell.scheme_config, "calib": cell.calib,
         "seed": cell.seed, "task": task.name, "task_kind": task.kind, "protocol": task.protocol,
         "versions": versions_for(task.kind),
     }
