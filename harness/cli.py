@@ -234,7 +234,7 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_site(args) -> None:
-    from harness.report.leaderboard import build_leaderboard
+    from harness.report.leaderboard import headline_leaderboards
     from harness.report.site import build_site
     from harness.store import Store, load_results
 
@@ -242,15 +242,9 @@ def _cmd_site(args) -> None:
     df = load_results(store.root)
     out = store.root / "leaderboard"
     out.mkdir(parents=True, exist_ok=True)
-    md, html, tex = [], [], []
-    if not df.empty:
-        done = df[df["status"] == "done"]
-        for (model, task, metric), _ in done.groupby(["model", "task", "metric"]):
-            if metric in ("ppl", "acc", "kl"):
-                board = build_leaderboard(df, metric, task=task, model=model)
-                md.append(board.to_markdown())
-                html.append(board.to_html())
-                tex.append(board.to_latex())
+    boards = headline_leaderboards(df)
+    md, html, tex = ([board.to_markdown() for board in boards], [board.to_html() for board in boards],
+                     [board.to_latex() for board in boards])
     (out / "leaderboard.md").write_text("\n".join(md) or "(no runs)\n")
     (out / "leaderboard.html").write_text("\n".join(html) or "<p>(no runs)</p>\n")
     (out / "leaderboard.tex").write_text("\n".join(tex) or "% no runs\n")
@@ -265,7 +259,7 @@ def _cmd_show(args) -> None:
 
 
 def _cmd_table(args) -> None:
-    from harness.report.leaderboard import build_leaderboard
+    from harness.report.leaderboard import build_leaderboards
     from harness.store import load_results
 
     df = load_results(args.results_dir)
@@ -281,9 +275,9 @@ def _cmd_table(args) -> None:
     for (model, task), rows in df.groupby(["model", "task"], sort=True):
         metrics = [args.metric] if args.metric else sorted(set(rows["main_metric"].dropna()))
         for metric in metrics or ["ppl"]:
-            board = build_leaderboard(rows, metric, task=task, model=model)
-            print(board.to_markdown())
-            print()
+            for board in build_leaderboards(rows, metric, task, model):  # one table per evaluation protocol
+                print(board.to_markdown())
+                print()
 
 
 def _cmd_export(args) -> None:

@@ -54,6 +54,7 @@ def with_spec_labels(df, cells):
 def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | None = None) -> Path:
     """Report of the runs of these cells (claims, leaderboards, plots) under results/papers/<paper>/."""
     from harness.report import plots
+    from harness.report.leaderboard import by_protocol, select
     from harness.report.paper import write_paper_report
     from harness.store import load_results
 
@@ -65,9 +66,15 @@ def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | No
     images = []
     if not df.empty and (df["metric"] == "ppl").any():
         task = "wikitext2" if (df["task"] == "wikitext2").any() else None
-        for make in (plots.format_bars, plots.fp_gap_heatmap):
-            try:
-                images += [p for p in make(df, "ppl", out, task=task) if p.suffix == ".png"]
-            except Exception:  # noqa: BLE001 - a plot never blocks the report
-                pass
+        models = sorted(set(df["model"].dropna()))
+        for model in models:  # one set of plots per model and evaluation protocol: never pooled
+            protocols = by_protocol(select(df, task, model))
+            for k, (_, rows) in enumerate(protocols):
+                prefix = (f"{model}_" if len(models) > 1 else "") + (f"p{k}_" if len(protocols) > 1 else "")
+                for make in (plots.format_bars, plots.fp_gap_heatmap):
+                    try:
+                        images += [p for p in make(rows, "ppl", out, task=task, model=model, prefix=prefix)
+                                   if p.suffix == ".png"]
+                    except Exception:  # noqa: BLE001 - a plot never blocks the report
+                        pass
     return write_paper_report(spec.data, df, out, scale=scale or "default", plots=images)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from harness.errors import PtqbenchError
+
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "<": r"\textless{}", ">": r"\textgreater{}"}
@@ -45,6 +47,7 @@ class Leaderboard:
     failed: pd.DataFrame
     baseline: float | None = None
     protocol: str = ""
+    diverged: dict | None = None  # (row, column) -> the measured value of a failed-as-diverged run
 
     @property
     def lower_is_better(self) -> bool:
@@ -72,7 +75,9 @@ class Leaderboard:
             for c in self.mean.columns:
                 m = self.mean.loc[r, c]
                 if pd.isna(m):
-                    out.loc[r, c] = esc("failed" if self.failed.loc[r, c] else "–")
+                    value = (self.diverged or {}).get((r, c))
+                    text = f"diverged ({value:.4g})" if value is not None else "failed" if self.failed.loc[r, c] else "–"
+                    out.loc[r, c] = esc(text)
                     continue
                 text = f"{m:.{digits}f}"
                 if self.n.loc[r, c] > 1 and not pd.isna(self.std.loc[r, c]):
@@ -104,15 +109,92 @@ class Leaderboard:
                               column_format="l" + "r" * len(cells.columns))
 
 
-def build_leaderboard(df: pd.DataFrame, metric: str, task: str | None = None, model: str | None = None,
-                      baseline: tuple[str, str] | None = ("fp", "w16a16"), columns: str = "scheme") -> Leaderboard:
-    """Pivot `metric` (for one task and model) into methods x `columns`, means over seeds."""
-    mcol = method_column(df)
+class MixedProtocolError(PtqbenchError):
+    """A table, plot or FP gap asked to combine runs evaluated under different protocols."""
+
+
+def _protocol_fields() -> list[str]:
+    from harness.spec.schema import KIND_SETTINGS, NOT_HASHED
+
+    fields = {f for kind, cls in KIND_SETTINGS.items() for f in cls.model_fields if f not in NOT_HASHED.get(kind, ())}
+    return sorted(fields | {"threads"})
+
+
+def protocol_of(rows: pd.DataFrame) -> pd.Series:
+    """Per row, the evaluation protocol that moves its number ("seqlen=256, max_windows=4, threads=2")."""
+    from harness.spec.schema import DEFAULT_THREADS
+
+    cols = [c for c in (f"protocol.{f}" for f in _protocol_fields()) if c in rows.columns]
+
+    def label(row) -> str:
+        parts = []
+        for c in cols:
+            v = row[c]
+            if pd.isna(v) and c == "protocol.threads":
+                v = DEFAULT_THREADS  # records from before `threads` ran with the default
+            if not pd.isna(v):
+                v = int(v) if isinstance(v, float) and v.is_integer() else v
+                parts.append(f"{c.removeprefix('protocol.')}={v}")
+        return ", ".join(parts)
+
+    return rows.apply(label, axis=1) if len(rows) else pd.Series([], dtype=object)
+
+
+def by_protocol(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """`rows` split by evaluation protocol (one task's runs: seqlen/windows, lm-eval limit/shots, ...)."""
+    if rows.empty:
+        return []
+    labels = protocol_of(rows)
+    return [(label, rows[labels == label]) for label in sorted(set(labels))]
+
+
+def one_protocol(rows: pd.DataFrame, what: str) -> str:
+    """The single protocol of `rows`, or a MixedProtocolError naming them all (they are never pooled)."""
+    groups = by_protocol(rows)
+    if len(groups) > 1:
+        raise MixedProtocolError(f"{what}: the runs use {len(groups)} evaluation protocols "
+                                 f"({' | '.join(g for g, _ in groups)}); numbers of different protocols are "
+                                 f"never combined: make one table per protocol (harness.report.leaderboard.by_protocol)")
+    return groups[0][0] if groups else ""
+
+
+def select(df: pd.DataFrame, task: str | None = None, model: str | None = None) -> pd.DataFrame:
     rows = df
     if task is not None:
         rows = rows[rows["task"] == task]
     if model is not None:
         rows = rows[rows["model"] == model]
+    return rows
+
+
+def build_leaderboards(df: pd.DataFrame, metric: str, task: str, model: str, **kwargs) -> list[Leaderboard]:
+    """One leaderboard per evaluation protocol of (task, model): numbers of different protocols never share a
+    cell, and each FP gap is taken to the FP run of the same protocol."""
+    return [build_leaderboard(rows, metric, task=task, model=model, **kwargs)
+            for _, rows in by_protocol(select(df, task, model))]
+
+
+HEADLINE_METRICS = ("ppl", "acc", "kl")
+
+
+def headline_leaderboards(df: pd.DataFrame, metrics=HEADLINE_METRICS) -> list[Leaderboard]:
+    """Every (model, task, headline metric) table of the recorded runs, one per evaluation protocol."""
+    if df.empty:
+        return []
+    done = df[df["status"] == "done"]
+    return [board for (model, task, metric), _ in done.groupby(["model", "task", "metric"]) if metric in metrics
+            for board in build_leaderboards(df, metric, task, model)]
+
+
+def build_leaderboard(df: pd.DataFrame, metric: str, task: str | None = None, model: str | None = None,
+                      baseline: tuple[str, str] | None = ("fp", "w16a16"), columns: str = "scheme") -> Leaderboard:
+    """Pivot `metric` (for one task and model, one protocol) into methods x `columns`, means over seeds.
+
+    Runs of different evaluation protocols are refused (MixedProtocolError): use `build_leaderboards`.
+    """
+    mcol = method_column(df)
+    rows = select(df, task, model)
+    protocol = one_protocol(rows, f"{metric} on {task or 'all tasks'} / {model or 'all models'}")
     failed_runs = rows[rows["status"] != "done"]
     done = rows[(rows["status"] == "done") & (rows["metric"] == metric)]
     grouped = done.groupby([mcol, columns])["value"]
@@ -121,15 +203,18 @@ def build_leaderboard(df: pd.DataFrame, metric: str, task: str | None = None, mo
     cols = sorted(set(rows[columns].dropna()))
     mean, std, n = (f.reindex(index=index, columns=cols) for f in (mean, std, n))
     failed = pd.DataFrame(False, index=index, columns=cols)
+    diverged = {}
     for _, r in failed_runs.iterrows():
         if r[mcol] in failed.index and r[columns] in failed.columns:
             failed.loc[r[mcol], r[columns]] = True
+            if r.get("metric") == metric and pd.notna(r.get("value")):  # measured, above the divergence limit
+                diverged[(r[mcol], r[columns])] = float(r["value"])
     base = None
     if baseline is not None and baseline[0] in mean.index and baseline[1] in mean.columns:
         base = mean.loc[baseline[0], baseline[1]]
         base = None if pd.isna(base) else float(base)
-    title = f"{metric} — {model or 'all models'} — {task or 'all tasks'}"
-    return Leaderboard(title, metric, mean, std, n.fillna(0).astype(int), failed, base, protocol_line(rows))
+    title = f"{metric} — {model or 'all models'} — {task or 'all tasks'}" + (f" — {protocol}" if protocol else "")
+    return Leaderboard(title, metric, mean, std, n.fillna(0).astype(int), failed, base, protocol_line(rows), diverged)
 
 
 def protocol_line(df: pd.DataFrame) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.report.claims import ClaimResult, ResultLookup, evaluate_claim
-from harness.report.leaderboard import build_leaderboard
+from harness.report.leaderboard import headline_leaderboards
 
 VERDICT_MARK = {"reproduced": "✅ reproduced", "not reproduced": "❌ not reproduced",
                 "inconclusive": "➖ inconclusive", "not run": "⏸ not run"}
@@ -67,12 +67,7 @@ def reported_table(spec: dict[str, Any]) -> pd.DataFrame | None:
 
 
 def leaderboards(df: pd.DataFrame) -> list:
-    boards = []
-    done = df[df["status"] == "done"] if not df.empty else df
-    for (model, task, metric), _ in done.groupby(["model", "task", "metric"]):
-        if metric in ("ppl", "acc", "kl"):
-            boards.append(build_leaderboard(df, metric, task=task, model=model))
-    return boards
+    return headline_leaderboards(df)
 
 
 def failed_runs(df: pd.DataFrame) -> pd.DataFrame:

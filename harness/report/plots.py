@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.report.leaderboard import build_leaderboard, method_column
+from harness.report.leaderboard import build_leaderboard, method_column, one_protocol, select
 
 
 def _plt():
@@ -51,11 +51,10 @@ def scheme_bits(scheme: str) -> float | None:
 
 
 def _done(df: pd.DataFrame, metric: str, task: str | None, model: str | None) -> pd.DataFrame:
-    rows = df[(df["status"] == "done") & (df["metric"] == metric)]
-    if task is not None:
-        rows = rows[rows["task"] == task]
-    if model is not None:
-        rows = rows[rows["model"] == model]
+    """Done runs of `metric`; a MixedProtocolError if they were evaluated under different protocols."""
+    rows = select(df, task, model)
+    rows = rows[(rows["status"] == "done") & (rows["metric"] == metric)]
+    one_protocol(rows, f"plot of {metric} on {task or 'all tasks'} / {model or 'all models'}")
     return rows
 
 
@@ -80,7 +79,8 @@ def metric_vs_bits(df: pd.DataFrame, metric: str, out_dir: Path, task: str | Non
     return _save(fig, out_dir, f"{metric}_vs_bits")
 
 
-def format_bars(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None = None, model: str | None = None) -> list[Path]:
+def format_bars(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None = None, model: str | None = None,
+                prefix: str = "") -> list[Path]:
     board = build_leaderboard(df, metric, task=task, model=model, baseline=None)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, len(board.mean.columns) * 1.2), 4))
@@ -89,19 +89,23 @@ def format_bars(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None =
     ax.set_xlabel("scheme")
     ax.set_title(board.title)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, f"{metric}_by_format")
+    return _save(fig, out_dir, f"{prefix}{metric}_by_format")
 
 
 def cost_scatter(df: pd.DataFrame, metric: str, out_dir: Path, cost_metric: str = "calib_seconds",
                  task: str | None = None, model: str | None = None) -> list[Path]:
     mcol = method_column(df)
     quality = _done(df, metric, task, model).groupby([mcol, "scheme"])["value"].mean()
-    cost = df[(df["status"] == "done") & (df["metric"] == cost_metric)].groupby([mcol, "scheme"])["value"].mean()
+    runs = select(df, task, model)  # the cost of the runs plotted (same model and task), not of every model
+    cost = runs[(runs["status"] == "done") & (runs["metric"] == cost_metric)].groupby([mcol, "scheme"])["value"].mean()
     joined = pd.concat({"quality": quality, "cost": cost}, axis=1).dropna().reset_index()
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, group in joined.groupby(mcol):
         ax.scatter(group["cost"], group["quality"], label=method)
+        for _, point in group.iterrows():  # the scheme of every point, written next to it
+            ax.annotate(str(point["scheme"]), (point["cost"], point["quality"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(cost_metric)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs calibration cost")
@@ -110,7 +114,7 @@ def cost_scatter(df: pd.DataFrame, metric: str, out_dir: Path, cost_metric: str 
 
 
 def fp_gap_heatmap(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None = None, model: str | None = None,
-                   baseline: tuple[str, str] = ("fp", "w16a16")) -> list[Path]:
+                   baseline: tuple[str, str] = ("fp", "w16a16"), prefix: str = "") -> list[Path]:
     board = build_leaderboard(df, metric, task=task, model=model, baseline=baseline)
     gap = board.mean - (board.baseline if board.baseline is not None else 0.0)
     plt = _plt()
@@ -125,4 +129,4 @@ def fp_gap_heatmap(df: pd.DataFrame, metric: str, out_dir: Path, task: str | Non
                 ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(image, ax=ax, label=f"{metric} − FP")
     ax.set_title(f"gap to FP — {board.title}")
-    return _save(fig, out_dir, f"{metric}_fp_gap")
+    return _save(fig, out_dir, f"{prefix}{metric}_fp_gap")

@@ -12,9 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness.report import plots as plot_lib
-from harness.report.leaderboard import build_leaderboard, method_column
+from harness.report.leaderboard import HEADLINE_METRICS, build_leaderboard, by_protocol, method_column, select
 
-HEADLINE_METRICS = ("ppl", "acc", "kl")
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:1em;color:#222}
@@ -82,17 +81,19 @@ def build_site(df: pd.DataFrame, out_dir: str | Path = "results/site", title: st
     groups = sorted({(m, t, k) for m, t, k in done[["model", "task", "metric"]].itertuples(index=False)
                      if k in HEADLINE_METRICS}) if not done.empty else []
     for model, task, metric in groups:
-        board = build_leaderboard(df, metric, task=task, model=model)
-        sections.append(board.to_html())
-        tag = f"{model}_{task}".replace("/", "_")
-        try:
-            images += plot_lib.format_bars(df, metric, plot_dir / tag, task=task, model=model)
-            if board.baseline is not None:
-                images += plot_lib.fp_gap_heatmap(df, metric, plot_dir / tag, task=task, model=model)
-            if (done["metric"] == "calib_seconds").any():  # quality vs what calibration cost
-                images += plot_lib.cost_scatter(df, metric, plot_dir / tag, task=task, model=model)
-        except Exception as exc:  # a plot must never take the dashboard down
-            sections.append(f"<p class='protocol'>plot failed: {html.escape(str(exc))}</p>")
+        protocols = by_protocol(select(df, task, model))
+        for k, (_, rows) in enumerate(protocols):  # one table and one set of plots per evaluation protocol
+            board = build_leaderboard(rows, metric, task=task, model=model)
+            sections.append(board.to_html())
+            tag = f"{model}_{task}".replace("/", "_") + (f"_p{k}" if len(protocols) > 1 else "")
+            try:
+                images += plot_lib.format_bars(rows, metric, plot_dir / tag, task=task, model=model)
+                if board.baseline is not None:
+                    images += plot_lib.fp_gap_heatmap(rows, metric, plot_dir / tag, task=task, model=model)
+                if (rows["metric"] == "calib_seconds").any():  # quality vs what calibration cost
+                    images += plot_lib.cost_scatter(rows, metric, plot_dir / tag, task=task, model=model)
+            except Exception as exc:  # a plot must never take the dashboard down
+                sections.append(f"<p class='protocol'>plot failed: {html.escape(str(exc))}</p>")
     pngs = [p for p in images if p.suffix == ".png"]
     table = run_table(df)
     counts = table["status"].value_counts().to_dict() if not table.empty else {}
