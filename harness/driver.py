@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from harness import progress
+from harness import progress, runner
 from harness.claims import Claim
 from harness.executors import Executor, get_executor
 from harness.spec import Cell, library_versions
@@ -104,7 +104,8 @@ class _Claims:
 
 
 def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Executor = "local",
-               retry_failed: bool = True, on_record: Callable[[dict], None] | None = None) -> Summary:
+               retry_failed: bool = True, on_record: Callable[[dict], None] | None = None,
+               check_data: bool = True) -> Summary:
     """Run every pending (cell, task), write each record as it arrives, and summarise."""
     store = store or Store()
     todo, skipped, seen = _plan(cells, store, retry_failed)
@@ -114,6 +115,8 @@ def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Ex
     library_versions()
     if todo:
         store.open_for_writing()
+        if getattr(ex, "local_data", True) and check_data:
+            runner.check_data(todo)  # a missing dataset stops the matrix here, in one line, not in every cell
     claims = _Claims(store, summary, seen)
     bar = progress.bar(total=sum(len(c.tasks) for c in todo), desc="matrix", leave=True, unit="run")
     records = ex.run(claims.cells(todo), store.root)

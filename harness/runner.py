@@ -22,6 +22,7 @@ import torch
 
 from harness import progress
 from harness.calib import MemoryMeter
+from harness.data import CALIB_CORPORA, EVAL_TEXTS, calib_source, check_available, eval_source
 from harness.devices import check_device
 from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
@@ -104,6 +105,32 @@ def _collect_kl_reference(model, tokenizer, task: TaskSpec) -> Any:
 
 
 EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _eval_ppl, "lm_eval": _eval_lm, "kl": _eval_kl}
+
+
+def _lm_eval_source(task: TaskSpec) -> tuple[str, str] | None:
+    from harness.eval.lm_tasks import TASKS
+
+    return (TASKS[task.name].dataset, TASKS[task.name].split) if task.name in TASKS else None
+
+
+def _text_source(name: str) -> tuple[str, str] | None:
+    return eval_source(name) if name in EVAL_TEXTS else None
+
+
+#: kind -> the (dataset, split) a task of that kind reads, None for a name only a custom evaluator knows
+#: (checked before a matrix starts: check_data)
+DATA_SOURCES: dict[str, Callable[[TaskSpec], tuple[str, str] | None]] = {
+    "ppl": lambda task: _text_source(task.name),
+    "lm_eval": _lm_eval_source,
+    "kl": lambda task: _text_source(task.settings.get("dataset", "")),
+}
+
+
+def check_data(cells: list[Cell]) -> None:
+    """One line, before any work, when a dataset the cells read (tasks and calibration) is unavailable."""
+    needs = {calib_source(cell.calib["corpus"]) for cell in cells if cell.calib.get("corpus") in CALIB_CORPORA}
+    needs |= {DATA_SOURCES[task.kind](task) for cell in cells for task in cell.tasks if task.kind in DATA_SOURCES}
+    check_available(needs - {None})
 REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference}
 
 

@@ -6,15 +6,17 @@
 Layout of the mirror: shared/data/README.md. A dataset missing from the mirror raises a one-line
 `DatasetMissingError`; an unknown name raises `UnknownNameError` with the choices.
 """
-from harness.data.sources import (DATASETS, ENV_VAR, SOURCES, DataFileError, DatasetMissingError, available_in, data_dir,
+from harness.data.sources import (DATASETS, ENV_VAR, SOURCES, DataFileError, DatasetMissingError, available_in, check_available,
+                                  data_dir,
                                   load_rows, mirror_path, source, splits)
-from harness.data.text import (ADD_SPECIAL_TOKENS, CALIB_CORPORA, EVAL_TEXTS, MAX_EVAL_WINDOWS, calibration_windows,
+from harness.data.text import (ADD_SPECIAL_TOKENS, CALIB_CORPORA, EVAL_TEXTS, MAX_EVAL_WINDOWS, calib_source,
+                               calibration_windows, eval_source,
                                clear_token_cache, encode, encode_eval_text, eval_text_protocol, load_eval_text,
                                tokenizer_fingerprint)
 
 __all__ = [
     "ADD_SPECIAL_TOKENS", "CALIB_CORPORA", "DATASETS", "ENV_VAR", "EVAL_TEXTS", "MAX_EVAL_WINDOWS", "SOURCES",
-    "DataFileError", "DatasetMissingError", "available_in", "calibration_windows", "clear_token_cache", "data_dir", "encode",
+    "DataFileError", "DatasetMissingError", "available_in", "calib_source", "check_available", "eval_source", "calibration_windows", "clear_token_cache", "data_dir", "encode",
     "encode_eval_text", "eval_text_protocol", "load_eval_text", "load_rows", "mirror_path", "source", "splits",
     "tokenizer_fingerprint",
 ]

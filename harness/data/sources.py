@@ -84,9 +84,18 @@ SOURCES: dict[tuple[str, str], Source] = {
 DATASETS: tuple[str, ...] = tuple(sorted({name for name, _ in SOURCES}))
 
 
+#: Where the CLI looks for a mirror when PTQBENCH_DATA_DIR is unset: the one the Makefile finds, next to the
+#: checkout (`../shared/data` with its README.md).
+NEXT_TO_CHECKOUT = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
 def data_dir() -> Path | None:
-    """The local mirror directory from PTQBENCH_DATA_DIR, or None (then datasets come from the hub)."""
-    value = os.environ.get(ENV_VAR, "").strip()
+    """The local mirror: $PTQBENCH_DATA_DIR; if unset, `../shared/data` next to the checkout when it has a
+    README.md (as the Makefile does); None (the hub) when neither, or when the variable is set but empty."""
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        return NEXT_TO_CHECKOUT if (NEXT_TO_CHECKOUT / "README.md").is_file() else None
+    value = value.strip()
     return Path(value).expanduser().resolve() if value else None
 
 
@@ -128,6 +137,33 @@ def mirror_path(name: str, split: str) -> Path:
             f"dataset {name!r} ({split}) not found in data dir {root} (expected {src.mirror}); "
             f"available there: {', '.join(have) if have else 'nothing'}")
     return path
+
+
+def check_available(needs: set[tuple[str, str]]) -> None:
+    """Before any work: every (dataset, split) is in the mirror, or (no mirror) the hub is reachable; else one
+    line naming what is missing, so a matrix stops before its first cell rather than failing every cell."""
+    if not needs:
+        return
+    root = data_dir()
+    if root is None:
+        from harness.models.loading import hub_offline
+
+        if hub_offline():
+            names = ", ".join(f"{n} ({s})" for n, s in sorted(needs))
+            raise DatasetMissingError(
+                f"no data mirror ({ENV_VAR} is unset and there is none next to the checkout) and the Hugging Face "
+                f"hub is unreachable here, so {names} cannot be read; point {ENV_VAR} at a mirror (see README)")
+        return
+    missing = []
+    for name, split in sorted(needs):
+        try:
+            mirror_path(name, split)
+        except DatasetMissingError:
+            missing.append(f"{name} ({split}) as {source(name, split).mirror}")
+    if missing:
+        have = available_in(root)
+        raise DatasetMissingError(f"data dir {root} lacks {', '.join(missing)}; available there: "
+                                  f"{', '.join(have) if have else 'nothing'}")
 
 
 def _read_lines(path: Path) -> list[str]:

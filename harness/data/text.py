@@ -32,6 +32,18 @@ CALIB_CORPORA: dict[str, str] = {"c4": "train", "wikitext2": "validation"}  # co
 ADD_SPECIAL_TOKENS = False
 
 
+def eval_source(name: str, split: str = "test") -> tuple[str, str]:
+    """(dataset, split) a perplexity evaluation of `name` reads (C4's test is its validation split)."""
+    return name, _eval_split(name, split)
+
+
+def calib_source(corpus: str, split: str | None = None) -> tuple[str, str]:
+    """(dataset, split) calibration windows of `corpus` are drawn from."""
+    if corpus not in CALIB_CORPORA:
+        raise UnknownNameError("calibration corpus", corpus, CALIB_CORPORA)
+    return corpus, split or CALIB_CORPORA[corpus]
+
+
 def _eval_split(name: str, split: str) -> str:
     if name not in EVAL_TEXTS:
         raise UnknownNameError("evaluation text", name, EVAL_TEXTS)

@@ -28,6 +28,8 @@ class Executor:
     """Runs cells somewhere and yields their records as they finish."""
 
     name = "base"
+    #: Cells run where the driver's data mirror is (this machine): the driver checks the data before any work.
+    local_data = True
 
     def run(self, cells: Iterable, store_root: Path) -> Iterator[dict[str, Any]]:
         """`cells` is drawn lazily: the driver claims a cell's runs as it is drawn, so an executor that

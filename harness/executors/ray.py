@@ -126,6 +126,11 @@ class RayExecutor(Executor):
         self.cpus_per_cell, self.max_retries = cpus_per_cell, max_retries
         self.resources = resources or {}
 
+    @property
+    def local_data(self) -> bool:
+        """A cluster of its own on this machine reads this machine's data; a joined one may not."""
+        return not (self.address or os.environ.get("RAY_ADDRESS"))
+
     def _options(self, cell, node: dict[str, float]) -> dict[str, Any]:
         """Ray options of one cell; `node` is the largest CPU and GPU count of one alive node."""
         wanted = {**self.resources, **getattr(cell, "resources", {})}  # the spec's request wins

@@ -28,10 +28,22 @@ def tok(tmp_path_factory):
 
 
 def test_data_dir_follows_the_env_var(monkeypatch, tmp_path):
-    monkeypatch.delenv("PTQBENCH_DATA_DIR", raising=False)
+    monkeypatch.setenv("PTQBENCH_DATA_DIR", "")  # set but empty: no mirror, the hub
     assert data_dir() is None
     monkeypatch.setenv("PTQBENCH_DATA_DIR", str(tmp_path))
     assert data_dir() == tmp_path.resolve()
+
+
+def test_without_the_variable_the_mirror_next_to_the_checkout_is_found(monkeypatch, tmp_path):
+    """(#20.3) Plain `ptqbench run` failed every cell: only the Makefile set PTQBENCH_DATA_DIR."""
+    from harness.data import sources
+
+    monkeypatch.delenv("PTQBENCH_DATA_DIR", raising=False)
+    monkeypatch.setattr(sources, "NEXT_TO_CHECKOUT", tmp_path / "shared" / "data")
+    assert data_dir() is None  # nothing there
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "README.md").write_text("mirror")
+    assert data_dir() == tmp_path / "shared" / "data"
 
 
 def test_wikitext2_rows_and_join(tmp_path, monkeypatch):
@@ -105,7 +117,7 @@ def test_hub_path_when_no_data_dir(monkeypatch, request):
         calls.append(kwargs)
         return {"text": ["", " = T = \n", "", " body . \n"]}
 
-    monkeypatch.delenv("PTQBENCH_DATA_DIR", raising=False)
+    monkeypatch.setenv("PTQBENCH_DATA_DIR", "")
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     data.text._eval_text.cache_clear()
     request.addfinalizer(data.text._eval_text.cache_clear)  # do not leak the fake rows

@@ -127,7 +127,7 @@ def test_hub_mode_without_network_fails_with_one_line(setup, monkeypatch):
     from harness.data import DatasetMissingError
 
     _, tok, model = setup
-    monkeypatch.delenv("PTQBENCH_DATA_DIR", raising=False)
+    monkeypatch.setenv("PTQBENCH_DATA_DIR", "")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DatasetMissingError) as e:

@@ -1,0 +1,57 @@
+"""What a new user hit (#20): a clone without the data mirror, missing datasets, README commands."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ("name: nu\nmodels: [tiny-llama]\nmethods: [fp, {name: gptq, params: {block_size: 32}}]\nschemes: [w4a4]\n"
+        "tasks: [wikitext2, arc_easy]\nppl: {seqlen: 32, max_windows: 1}\nlm_eval: {limit: 2}\n"
+        "calib: {corpus: c4, n: 2, seqlen: 32}\n")
+
+
+def run(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    code = main(["run", str(spec), "--results-dir", str(tmp_path / "res"), "--no-track"])
+    return code, capsys.readouterr().err
+
+
+def test_a_mirror_without_a_dataset_stops_before_the_first_cell(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mirror" / "wikitext2").mkdir(parents=True)
+    (tmp_path / "mirror" / "wikitext2" / "wiki.test.raw").write_text(" = A = \n")
+    monkeypatch.setenv("PTQBENCH_DATA_DIR", str(tmp_path / "mirror"))
+    code, err = run(tmp_path, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "lacks" in lines[0] and "arc_easy" in lines[0] and "c4 (train)" in lines[0] and "available there: wikitext2" in lines[0]
+    assert list(Store(tmp_path / "res").records()) == []  # no cell ran (no model loaded, no transform applied)
+
+
+def test_no_mirror_and_no_hub_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """A clone without the mirror retried the hub per cell and failed every cell after minutes."""
+    monkeypatch.setenv("PTQBENCH_DATA_DIR", "")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run(tmp_path, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "hub is unreachable" in lines[0] and "PTQBENCH_DATA_DIR" in lines[0], err
+    assert list(Store(tmp_path / "res").records()) == []
+
+
+def test_readme_ray_example_names_a_scale():
+    """`ptqbench run experiments/smoke.yaml --executor ray` ran the full scale."""
+    readme = (ROOT / "README.md").read_text()
+    for line in readme.splitlines():
+        if re.search(r"ptqbench run \S+\.yaml", line) and "smoke.yaml" in line:
+            assert "--scale" in line, line
+
+
+def test_readme_commands_use_the_venv_or_say_how():
+    """`ptqbench` is not on PATH after `make setup`: the README says to activate the venv."""
+    readme = (ROOT / "README.md").read_text()
+    assert "source .venv/bin/activate" in readme
