@@ -5,6 +5,7 @@ unless the user asked for it (a variable the user already set always wins). See 
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,28 @@ OFFLINE_DEFAULTS = {
 }
 
 
+#: Log lines that come on every command and ask nothing of the user: (logger, text the message contains).
+#: torchao (a test-only reference, imported by transformers when installed) cannot load its CUDA kernels on a
+#: CPU build; torch warns about a registration torchao does. Everything else from these loggers still shows.
+QUIET_LOG_LINES = (("torchao", "Failed to load"), ("torch.utils._pytree", "is an Enum subclass"))
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
+
+
+def quiet_known_noise() -> None:
+    for name, text in QUIET_LOG_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropLines(text))
+
+
 def _mirror_configured() -> bool:
     """PTQBENCH_DATA_DIR set (non-empty), or unset with the mirror next to the checkout (harness.data.data_dir)."""
     value = os.environ.get("PTQBENCH_DATA_DIR")
@@ -31,6 +54,7 @@ def _mirror_configured() -> bool:
 
 
 def apply_offline_defaults() -> None:
+    quiet_known_noise()
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # Without a local data mirror or cached hub files the hub is the only source, so only force the
