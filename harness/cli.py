@@ -193,12 +193,22 @@ def _cmd_run(args) -> int:
         return 0
     t0 = time.perf_counter()
     track_state = {"off": args.no_track}
+    pending = sum(len(c.tasks) for c in plan(cells, store, retry_failed=not args.no_retry_failed)[0])
+    finished = [0]
+    progress.announce_stages = True  # a long step (a 5-minute evaluation) is never silent
 
     def on_record(record: dict) -> None:
-        progress.write(_record_line(record))
+        finished[0] += 1
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / finished[0] * max(pending - finished[0], 0)
+        progress.write(f"[{finished[0]}/{pending} {progress.clock(elapsed)} elapsed, ETA {progress.clock(eta)}] "
+                       f"{_record_line(record)}")
         _track(record, store.root, track_state)
 
-    summary = run_matrix(cells, store, executor, retry_failed=not args.no_retry_failed, on_record=on_record)
+    try:
+        summary = run_matrix(cells, store, executor, retry_failed=not args.no_retry_failed, on_record=on_record)
+    finally:
+        progress.announce_stages = False
     wall = time.perf_counter() - t0
     if not track_state.get("off") and summary.done + summary.failed:
         _track_summary(spec.name, {rid for c in cells for rid in c.run_ids.values()}, store, track_state)

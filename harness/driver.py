@@ -119,6 +119,7 @@ def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Ex
             runner.check_data(todo)  # a missing dataset stops the matrix here, in one line, not in every cell
     claims = _Claims(store, summary, seen)
     bar = progress.bar(total=sum(len(c.tasks) for c in todo), desc="matrix", leave=True, unit="run")
+    progress.set_stage_bar(bar, cells=len(todo))
     records = ex.run(claims.cells(todo), store.root)
     try:
         for record in records:
@@ -136,6 +137,7 @@ def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Ex
             if on_record:
                 on_record(record)
     finally:
+        progress.set_stage_bar(None)
         bar.close()
         # an interrupted matrix closes the executor's generator now, not at garbage collection
         # (the Ray executor shuts down the cluster it started)

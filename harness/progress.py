@@ -49,6 +49,40 @@ def track(iterable: Iterable[T], desc: str = "", total: int | None = None, leave
         b.close()
 
 
+#: Set by the CLI: announce every stage of every cell (load, calibrate, apply, eval) on stderr, so a long
+#: step is never silent; a bar shows it as its postfix on a terminal, a log gets one line per stage.
+announce_stages = False
+_STAGE_BAR = None
+_CELLS = {"started": 0, "total": 0}
+
+
+def set_stage_bar(b, cells: int = 0) -> None:
+    """The bar whose postfix shows the current stage (the driver's matrix bar) and the matrix's cell count;
+    None to detach."""
+    global _STAGE_BAR
+    _STAGE_BAR = b
+    _CELLS.update(started=0, total=cells)
+
+
+def stage(where: str, what: str, new_cell: bool = False) -> None:
+    """`where` (a cell) enters stage `what`; `new_cell` for its first stage (counts cell k of N)."""
+    if new_cell:
+        _CELLS["started"] += 1
+    if not announce_stages:
+        return
+    count = f"cell {_CELLS['started']}/{_CELLS['total']} " if _CELLS["total"] else ""
+    if enabled() and _STAGE_BAR is not None:
+        _STAGE_BAR.set_postfix_str(f"{count}{where}: {what}")
+    else:
+        write(f"  [{count.strip()}] {where}: {what}" if count else f"  {where}: {what}")
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
 def write(message: str) -> None:
     """Print a line without breaking the bars."""
     if enabled():

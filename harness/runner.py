@@ -304,6 +304,7 @@ def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader:
     try:
         set_seed(cell.seed)
         t0 = time.perf_counter()
+        progress.stage(cell.describe(), "load model", new_cell=True)
         check_device(cell.device)  # one line where a worker lacks the device, not torch's error
         model, tokenizer, adapter = loader(cell)
         if hasattr(model, "eval"):
@@ -320,6 +321,7 @@ def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader:
                     ref_errors[task.name] = exc
 
         stage = "calibrate"
+        progress.stage(cell.describe(), "calibrate")
         method = get_method(cell.method)(cell.params)  # validated when the spec was expanded
         ctx = CalibContext(model=model, tokenizer=tokenizer, adapter=adapter, scheme=calib_scheme(cell),
                            calib=CalibConfig(**cell.calib) if cell.calib else CalibConfig(), seed=cell.seed or 0,
@@ -331,6 +333,7 @@ def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader:
         state.timings["calibrate_s"] = round(time.perf_counter() - t0, 3)
 
         stage = "apply"
+        progress.stage(cell.describe(), "apply")
         t0 = time.perf_counter()
         with torch.no_grad():
             model = method.apply(model, adapter, calib_state, cell.scheme)
@@ -364,6 +367,7 @@ def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader:
         results: dict[str, Any] = {}
         error: BaseException | None = None
         try:
+            progress.stage(cell.describe(), f"evaluate {', '.join(t.name for t in group)}")
             set_seed(cell.seed)
             with torch.no_grad():
                 results = evaluators[group[0].kind](model, tokenizer, group, cell, refs)

@@ -27,3 +27,9 @@ if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import harness  # noqa: E402,F401  (applies the offline defaults for everything else)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model integration tests run last: the fast unit tests print their progress from the first
+    second instead of after minutes of SmolLM2 work (#20.4)."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)

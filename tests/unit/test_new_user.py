@@ -66,3 +66,17 @@ def test_loading_a_model_prints_no_known_noise():
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Failed to load" not in out.stderr and "register_constant" not in out.stderr, out.stderr
+
+
+def test_a_matrix_shows_cell_k_of_n_its_stage_elapsed_and_eta(tmp_path, monkeypatch, capsys):
+    """(#20.4) Long steps were silent: no counter per cell, nothing during a 331 s evaluation."""
+    monkeypatch.setenv("PTQBENCH_PROGRESS", "0")  # a log, not a terminal: one line per stage and per run
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: p\nmodels: [tiny-llama]\nmethods: [fp, rtn]\nschemes: [w4a4]\ntasks: [wikitext2]\n"
+                    "ppl: {seqlen: 32, max_windows: 1}\n")
+    assert main(["run", str(spec), "--results-dir", str(tmp_path / "res"), "--no-track"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("load model", "calibrate", "apply", "evaluate wikitext2"):
+        assert f"[cell 2/2] tiny-llama | rtn | w4a4 | seed None: {stage}" in err, err
+    assert re.search(r"^\[1/2 \d\d:\d\d elapsed, ETA \d\d:\d\d\] \S+ tiny-llama \| fp", err, re.M), err
+    assert re.search(r"^\[2/2 \d\d:\d\d elapsed, ETA 00:00\]", err, re.M), err
