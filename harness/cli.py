@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     site = sub.add_parser("site", help="leaderboards (md/html/tex) and the HTML dashboard from recorded runs")
     site.add_argument("--results-dir", default=None)
 
+    cache = sub.add_parser("cache", help="the calibration cache: its size (du) or removing states (prune)")
+    cache.add_argument("action", choices=("du", "prune"))
+    cache.add_argument("--results-dir", default=None)
+    cache.add_argument("--unused", action="store_true", help="prune: states no run record uses")
+    cache.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="prune: states older than this")
+    cache.add_argument("--all", action="store_true", help="prune: every state")
+
     export = sub.add_parser("export", help="write the tidy results table to parquet")
     export.add_argument("out")
     export.add_argument("--results-dir", default=None)
@@ -215,6 +222,10 @@ def _cmd_run(args) -> int:
     progress.write(f"{spec.name}{'/' + args.scale if args.scale else ''}: {summary.total} runs: "
                    f"{summary.done} done, {summary.failed} failed, {summary.skipped} skipped "
                    f"(already recorded) in {wall:.1f} s; records in {store.runs}")
+    cache_bytes, states = store.cache_bytes()
+    if states:
+        progress.write(f"calibration cache: {_mb(cache_bytes)} in {states} states (`ptqbench cache du`, "
+                       f"`ptqbench cache prune --unused`)")
     for line in summary.failures:
         progress.write(f"  failed: {line}")
     return 1 if summary.errors else 0  # a diverged run is a measured outcome, not an error
@@ -290,6 +301,28 @@ def _cmd_table(args) -> None:
                 print()
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _cmd_cache(args) -> None:
+    from harness.store import Store
+
+    store = Store(args.results_dir)
+    store.check_readable()
+    if args.action == "du":
+        entries = store.calib_entries()
+        for e in sorted(entries, key=lambda e: -e["bytes"]):
+            print(f"{e['key']}  {_mb(e['bytes']):>10}  {'used  ' if e['used'] else 'unused'}  {e['created_at']}  {e['cell']}")
+        total = sum(e["bytes"] for e in entries)
+        print(f"{len(entries)} calibration states, {_mb(total)} in {store.calib_cache}")
+        return
+    if args.older_than is not None and args.older_than < 0:
+        raise PtqbenchError(f"invalid --older-than {args.older_than:g}; valid: a number of days >= 0")
+    removed = store.prune_calib(unused=args.unused, older_than_days=args.older_than, everything=args.all)
+    print(f"removed {len(removed)} calibration states, {_mb(sum(e['bytes'] for e in removed))} freed")
+
+
 def _cmd_export(args) -> None:
     from harness.store import export_parquet
 
@@ -344,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_table(args)
         elif args.command == "export":
             _cmd_export(args)
+        elif args.command == "cache":
+            _cmd_cache(args)
         elif args.command == "reproduce":
             return _cmd_reproduce(args)
         elif args.command == "report":

@@ -291,6 +291,9 @@ class Store:
         tmp = Path(tempfile.mkdtemp(dir=self.calib_cache, prefix=f".{key}."))
         try:
             state.save(tmp)
+            # what computed it, readable without the state's codec (`ptqbench cache du`)
+            info = {k: v for k, v in (state.meta.get("_ptqbench") or {}).items() if k in ("cell", "created_at")}
+            (tmp / CALIB_INFO).write_text(json.dumps(info, indent=1) + "\n")
             write_manifest(tmp)
             try:
                 os.replace(tmp, final)
@@ -302,6 +305,43 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+    def calib_entries(self) -> list[dict[str, Any]]:
+        """Every cached calibration: key, bytes, what computed it (cell), when, and whether a run record uses it."""
+        if not self.calib_cache.is_dir():
+            return []
+        used = {r.get("calib_key") for r in self.records()}
+        out = []
+        for d in sorted(p for p in self.calib_cache.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name)):
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            info: dict[str, Any] = {}
+            try:
+                info = json.loads((d / CALIB_INFO).read_text())
+            except (OSError, ValueError):
+                pass
+            out.append({"key": d.name, "bytes": size, "cell": info.get("cell", "?"),
+                        "created_at": info.get("created_at", "?"), "mtime": d.stat().st_mtime,
+                        "used": d.name in used})
+        return out
+
+    def cache_bytes(self) -> tuple[int, int]:
+        """(bytes, number of states) of the calibration cache."""
+        entries = self.calib_entries()
+        return sum(e["bytes"] for e in entries), len(entries)
+
+    def prune_calib(self, unused: bool = False, older_than_days: float | None = None,
+                    everything: bool = False) -> list[dict[str, Any]]:
+        """Remove cached calibrations (those no run record uses, those older than N days, or all); returns them.
+        A removed state is recomputed by the next run that needs it."""
+        if not (unused or everything or older_than_days is not None):
+            raise PtqbenchError("cache prune needs what to remove: --unused, --older-than DAYS or --all")
+        now, removed = time.time(), []
+        for entry in self.calib_entries():
+            old = older_than_days is not None and now - entry["mtime"] > older_than_days * 86400
+            if everything or old or (unused and not entry["used"]):
+                shutil.rmtree(self.calib_cache / entry["key"], ignore_errors=True)
+                removed.append(entry)
+        return removed
 
     def load_calib(self, key: str, state_type: type | None = None, device: str = "cpu"):
         """The State saved under the key, rebuilt as `state_type` (a harness.state.State subclass)."""
@@ -315,6 +355,7 @@ class Store:
 
 
 MANIFEST = "manifest.json"
+CALIB_INFO = "info.json"
 _VERIFIED: dict[tuple, str | None] = {}  # (dir, files' size + mtime) -> problem or None, per process
 
 

@@ -80,3 +80,29 @@ def test_a_matrix_shows_cell_k_of_n_its_stage_elapsed_and_eta(tmp_path, monkeypa
         assert f"[cell 2/2] tiny-llama | rtn | w4a4 | seed None: {stage}" in err, err
     assert re.search(r"^\[1/2 \d\d:\d\d elapsed, ETA \d\d:\d\d\] \S+ tiny-llama \| fp", err, re.M), err
     assert re.search(r"^\[2/2 \d\d:\d\d elapsed, ETA 00:00\]", err, re.M), err
+
+
+def test_cache_du_and_prune(tmp_path, capsys):
+    """(#20.7) results/cache grew to 3.2 GB with no way to see or prune it."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: c\nmodels: [tiny-llama]\nmethods: [{name: gptq, params: {block_size: 32}}]\n"
+                    "schemes: [w4a4, w8a8]\ntasks: [wikitext2]\nppl: {seqlen: 32, max_windows: 1}\n"
+                    "calib: {corpus: c4, n: 2, seqlen: 32}\n")
+    res = str(tmp_path / "res")
+    assert main(["run", str(spec), "--results-dir", res, "--no-track"]) == 0
+    err = capsys.readouterr().err
+    assert "calibration cache:" in err and "in 2 states" in err, err
+    store = Store(res)
+    assert len(store.calib_entries()) == 2 and all(e["used"] and e["bytes"] > 0 for e in store.calib_entries())
+    assert main(["cache", "du", "--results-dir", res]) == 0
+    out = capsys.readouterr().out
+    assert "2 calibration states" in out and "gptq" in out and "used" in out
+    assert main(["cache", "prune", "--results-dir", res]) == 2  # says what it would remove: one line
+    assert "--unused" in capsys.readouterr().err
+    victim = next(r for r in store.records() if r["scheme"] == "w8a8")
+    store.path(victim["run_id"]).unlink()  # its calibration is now unused
+    assert main(["cache", "prune", "--unused", "--results-dir", res]) == 0
+    assert "removed 1 calibration states" in capsys.readouterr().out
+    assert [e["used"] for e in store.calib_entries()] == [True]
+    assert main(["cache", "prune", "--all", "--results-dir", res]) == 0
+    assert store.calib_entries() == []
