@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -94,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def describe_format(fmt) -> str:
+    """One line: element, scaling and bits per element of a number format."""
+    scope = {"row": "per row", "tensor": "per tensor", "group": f"per {fmt.group_size} elements"}.get(
+        fmt.granularity, fmt.granularity)
+    symmetric = "" if fmt.symmetric else ", asymmetric"
+    return (f"{fmt.element} elements ({fmt.bits} bits), {fmt.scale_type} scale {scope}{symmetric}; "
+            f"{fmt.bits_per_element:g} bits per element with scales")
+
+
 def _cmd_list(kind: str) -> None:
     if kind == "methods":
         from harness.registry import broken_methods, get_method, list_methods
@@ -104,13 +114,21 @@ def _cmd_list(kind: str) -> None:
         for name, err in sorted(broken_methods().items()):
             print(f"{name:16s} (failed to import: {err})")
     elif kind == "formats":
-        from harness.formats import list_formats
+        from harness.formats import get_format, list_formats
 
-        print("\n".join(list_formats()))
+        for name in list_formats():
+            try:
+                print(f"{name:26s} {describe_format(get_format(name))}")
+            except PtqbenchError:  # a pattern such as int{b}[_asym][_g{N}|_tensor]
+                print(f"{name:26s} (a name pattern: fill in the braces)")
     elif kind == "schemes":
-        from harness.quant import list_schemes
+        from harness.quant import get_scheme, list_schemes
 
-        print("\n".join(list_schemes()))
+        for name in list_schemes():
+            scheme = get_scheme(name)
+            parts = [f"{part} {getattr(scheme, attr).name}" for part, attr in
+                     (("W", "weight"), ("A", "activation"), ("KV", "kv")) if getattr(scheme, attr) is not None]
+            print(f"{name:18s} {', '.join(parts) or 'full precision'}")
     elif kind == "models":
         from harness.models import list_models
 
@@ -389,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PtqbenchError as exc:
         print(f"ptqbench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ptqbench list formats | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, UnicodeError) as exc:  # an unwritable output, a full disk: one line, not a traceback
         print(f"ptqbench: error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
         return 2

@@ -243,8 +243,9 @@ class Store:
                 return record
             matches = []
         if not matches:
-            known = [p.stem for p in self.runs.glob("*.json")] if self.runs.is_dir() else []
-            raise UnknownNameError(f"run id in {self.runs}", prefix, known[:20] or ["(no runs)"])
+            known = sorted(p.stem for p in self.runs.glob("*.json")) if self.runs.is_dir() else []
+            shown = known[:20] + ([f"... and {len(known) - 20} more (ptqbench table lists them)"] if len(known) > 20 else [])
+            raise UnknownNameError(f"run id in {self.runs}", prefix, shown or ["(no runs)"])
         raise PtqbenchError(f"run id prefix {prefix!r} is ambiguous: {', '.join(matches[:10])}")
 
     # --- claims (concurrent drivers) ----------------------------------------------------------

@@ -106,3 +106,22 @@ def test_cache_du_and_prune(tmp_path, capsys):
     assert [e["used"] for e in store.calib_entries()] == [True]
     assert main(["cache", "prune", "--all", "--results-dir", res]) == 0
     assert store.calib_entries() == []
+
+
+@pytest.mark.parametrize("kind, line", [("formats", "mxfp4 "), ("schemes", "w4a4kv4 ")])
+def test_list_formats_and_schemes_describe_each_entry(capsys, kind, line):
+    """(#20.8) They printed bare names; `list methods` gives a line each."""
+    assert main(["list", kind]) == 0
+    out = capsys.readouterr().out.splitlines()
+    entry = next(o for o in out if o.startswith(line))
+    assert len(entry.split()) > 3, entry
+    if kind == "schemes":
+        assert "W int4" in entry and "KV" in entry
+
+
+def test_show_says_when_it_truncates_the_known_ids(tmp_path, capsys):
+    store = Store(tmp_path / "res")
+    for i in range(33):
+        store.write({"run_id": f"r{i:02d}", "status": "done", "metrics": {}})
+    assert main(["show", "zz", "--results-dir", str(tmp_path / "res")]) == 2
+    assert "and 13 more" in capsys.readouterr().err
