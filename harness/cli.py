@@ -274,7 +274,7 @@ def _cmd_report(args) -> None:
 
 def _cmd_site(args) -> None:
     from harness.report.leaderboard import headline_leaderboards
-    from harness.report.site import build_site
+    from harness.report.site import build_site, styled_page
     from harness.store import Store, load_results
 
     store = Store(args.results_dir)
@@ -285,7 +285,7 @@ def _cmd_site(args) -> None:
     md, html, tex = ([board.to_markdown() for board in boards], [board.to_html() for board in boards],
                      [board.to_latex() for board in boards])
     (out / "leaderboard.md").write_text("\n".join(md) or "(no runs)\n")
-    (out / "leaderboard.html").write_text("\n".join(html) or "<p>(no runs)</p>\n")
+    (out / "leaderboard.html").write_text(styled_page("ptqbench leaderboards", "\n".join(html) or "<p>(no runs)</p>"))
     (out / "leaderboard.tex").write_text("\n".join(tex) or "% no runs\n")
     print(f"tables: {out}/leaderboard.{{md,html,tex}}")
     print(f"dashboard: {build_site(df, store.root / 'site')}")

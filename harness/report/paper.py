@@ -77,6 +77,32 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] != "done"][cols].drop_duplicates()
 
 
+LEGEND = ("Verdicts compare means over seeds; a difference inside the seed spread (plus the claim's tolerance) is "
+          "*inconclusive*; a claim whose runs are missing or failed is *not run* (a diverged run, whose perplexity "
+          "was recorded, counts with its value, marked \"(diverged)\"). Smoke-scale verdicts come from a small model and "
+          "short evaluations: they test the pipeline and the direction of an effect, not the paper's numbers.")
+SEED_NOTE = "Seed `–` (null in the records): the method draws no random numbers, so it runs once whatever the seeds."
+
+
+def inline_html(text: str) -> str:
+    """Escaped text with the Markdown a spec's notes use: `code` and *emphasis*; paragraphs on blank lines."""
+    import re
+
+    out = html.escape(str(text).strip())
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*([^*\s][^*]*)\*", r"<em>\1</em>", out)
+    return "".join(f"<p>{p.strip()}</p>" for p in re.split(r"\n\s*\n", out) if p.strip())
+
+
+def calibration_line(df: pd.DataFrame) -> str:
+    """The calibration sets the numbers depend on (corpus, windows x tokens), or '' when nothing calibrated."""
+    cols = ["calib.corpus", "calib.n", "calib.seqlen"]
+    if df.empty or not all(c in df.columns for c in cols):
+        return ""
+    sets = sorted({(c, int(n), int(q)) for c, n, q in df[cols].dropna().itertuples(index=False)})
+    return "Calibration: " + "; ".join(f"{c} {n} x {q} tokens" for c, n, q in sets) + "." if sets else ""
+
+
 def _versions(df: pd.DataFrame) -> str:
     cols = [c for c in df.columns if c.startswith("versions.")]
     return ", ".join(f"{c.removeprefix('versions.')} {sorted(map(str, df[c].dropna().unique()))[0]}"
@@ -100,10 +126,9 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
     if spec.get("notes"):
         md += [str(spec["notes"]).strip(), ""]
     md += ["## Claims", "", claims_table(results).to_markdown(index=False, tablefmt="github") if results else "(no claims)", ""]
-    md += ["Verdicts compare means over seeds; a difference inside the seed spread (plus the claim's tolerance) is "
-           "*inconclusive*; a claim whose runs are missing or failed is *not run* (a diverged run, whose perplexity "
-           "was recorded, counts with its value, marked \"(diverged)\"). Smoke-scale verdicts come from a small model and short "
-           "evaluations: they test the pipeline and the direction of an effect, not the paper's numbers.", ""]
+    md += [LEGEND, ""]
+    calib = calibration_line(df)
+    md += ([calib, ""] if calib else []) + [SEED_NOTE, ""]
     if reported is not None:
         md += ["## Numbers reported in the paper", "", reported.to_markdown(index=False, tablefmt="github"), ""]
     md += ["## Our results", ""]
@@ -117,7 +142,9 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
 
     body = [f"<h1>Reproduction report — {html.escape(title)}</h1>",
             f"<p>Scale <code>{html.escape(str(scale))}</code>, generated {stamp}. Versions: {html.escape(_versions(df) or 'n/a')}.</p>",
-            "<h2>Claims</h2>", claims_table(results).to_html(index=False, border=0) if results else "<p>(no claims)</p>"]
+            inline_html(spec["notes"]) if spec.get("notes") else "",
+            "<h2>Claims</h2>", claims_table(results).to_html(index=False, border=0) if results else "<p>(no claims)</p>",
+            inline_html(LEGEND), inline_html(calib) if calib else "", inline_html(SEED_NOTE)]
     if reported is not None:
         body += ["<h2>Numbers reported in the paper</h2>", reported.to_html(index=False, border=0)]
     body += ["<h2>Our results</h2>"] + [b.to_html() for b in boards]

@@ -17,7 +17,7 @@ from harness.report.leaderboard import HEADLINE_METRICS, build_leaderboard, by_p
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{padding:3px 9px;border-bottom:1px solid #ddd;text-align:right}
+table{border-collapse:collapse;margin:.5em 0 1.5em;display:block;overflow-x:auto;max-width:100%}td,th{padding:3px 9px;border-bottom:1px solid #ddd;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.protocol{color:#666;font-size:.85em}
 .plots img{max-width:48%;margin:4px;border:1px solid #eee}#filter{width:30em;padding:4px}
 tr.failed td{color:#a00}nav a{margin-right:1em}
@@ -69,6 +69,12 @@ def _runs_html(table: pd.DataFrame) -> str:
         status = html.escape(str(r.get("status", "")))
         rows.append(f"<tr data-status='{status}' class='{status}'>{''.join(cells)}</tr>")
     return f"<table id='runs'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def styled_page(title: str, body: str) -> str:
+    """A standalone HTML page with the dashboard's style (the leaderboard tables use it too)."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
 
 
 def build_site(df: pd.DataFrame, out_dir: str | Path = "results/site", title: str = "ptqbench leaderboard") -> Path:

@@ -125,3 +125,24 @@ def test_show_says_when_it_truncates_the_known_ids(tmp_path, capsys):
         store.write({"run_id": f"r{i:02d}", "status": "done", "metrics": {}})
     assert main(["show", "zz", "--results-dir", str(tmp_path / "res")]) == 2
     assert "and 13 more" in capsys.readouterr().err
+
+
+def test_paper_report_html_keeps_the_notes_legend_and_calibration(tmp_path):
+    """(#20.6) The HTML report dropped the spec's notes and the verdict legend, showed backticks literally and
+    never said which calibration set the numbers depend on."""
+    from harness.report.paper import write_paper_report
+    from harness.store import load_results
+
+    store = Store(tmp_path / "res")
+    store.write({"run_id": "a", "status": "done", "spec": "s", "model": "m", "task": "wikitext2", "method": "gptq",
+                 "method_label": "gptq", "scheme": "w4a4", "seed": 0, "calib": {"corpus": "c4", "n": 16, "seqlen": 256},
+                 "protocol": {"seqlen": 256, "max_windows": 4}, "metrics": {"ppl": 12.0}, "main_metric": "ppl"})
+    spec = {"paper": "toy", "title": "Toy", "notes": "Weights come from a `Q4_1` GGUF.\n\nSecond *paragraph*.",
+            "claims": [{"id": "c1", "says": "gptq is fine", "check": "ppl(gptq, w4a4) < 20"}]}
+    write_paper_report(spec, load_results(store.root), tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<code>Q4_1</code>" in page and "`" not in page.split("<h2>Claims")[0]
+    assert "<em>paragraph</em>" in page and "inconclusive" in page and "c4 16 x 256 tokens" in page
+    assert "draws no random numbers" in page
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Calibration: c4 16 x 256 tokens." in md
