@@ -14,7 +14,7 @@ SPEC ?= experiments/smoke.yaml
 PTQBENCH_DATA_DIR ?= $(if $(wildcard ../shared/data/README.md),$(abspath ../shared/data),)
 export PTQBENCH_DATA_DIR
 
-.PHONY: help setup test test-unit bench smoke reproduce-paper leaderboard clean
+.PHONY: help setup test test-unit bench smoke reproduce-paper leaderboard examples clean
 
 help:
 	@echo "make setup            create $(VENV) and install ptqbench (CPU torch pinned)"
@@ -23,6 +23,7 @@ help:
 	@echo "make smoke            run $(SPEC) at smoke scale"
 	@echo "make reproduce-paper PAPER=torq [SCALE=smoke|full]"
 	@echo "make leaderboard [RESULTS=dir]   tables (md/html/tex), plots and dashboard from recorded runs"
+	@echo "make examples         regenerate results/examples (smoke + eight_bit records, every paper's smoke report)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,3 +63,15 @@ leaderboard: setup
 
 clean:
 	rm -rf results/runs results/cache results/site .pytest_cache
+
+# The shipped examples, regenerated with the current code (run ids hash the code: the golden test in
+# tests/integration/test_smoke_matrix.py fails until this is rerun after a change to the numerics).
+EXAMPLE_PAPERS ?= $(basename $(notdir $(wildcard experiments/papers/*.yaml)))
+examples: setup
+	rm -rf results/examples/smoke/runs results/examples/eight_bit/runs
+	$(VENV)/bin/ptqbench run experiments/smoke.yaml --scale smoke --results-dir results/examples/smoke --no-track
+	$(VENV)/bin/ptqbench run experiments/eight_bit.yaml --scale smoke --results-dir results/examples/eight_bit --no-track
+	for p in $(EXAMPLE_PAPERS); do \
+		$(VENV)/bin/ptqbench reproduce $$p --scale smoke --results-dir results/examples/work --no-track || exit 1; \
+		rm -rf results/examples/papers/$$p && cp -r results/examples/work/papers/$$p results/examples/papers/$$p; \
+	done

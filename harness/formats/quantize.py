@@ -76,7 +76,9 @@ def quantize_with_params(x: torch.Tensor, params: QuantParams, fmt: Format) -> t
         if fmt.symmetric:
             q = round_to_int(y, -fmt.qmax, fmt.qmax)
         else:
-            q = round_to_int(y + params.zero, 0, fmt.levels) - params.zero
+            # GPTQ's convention: round, then shift by the zero point (rounding y + zero instead differs on
+            # ties and where the fp32 sum rounds)
+            q = torch.clamp(torch.round(y) + params.zero, 0, fmt.levels) - params.zero
     else:
         q = round_to_float_element(y, fmt.element)
     out = q * safe

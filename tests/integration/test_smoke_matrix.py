@@ -2,6 +2,11 @@
 
 rtn and gptq under INT4 g64 weights and MXFP4 (weights + activations), one short WikiText-2
 perplexity each: GPTQ must beat round-to-nearest in both, and a rerun must be a no-op.
+
+It is also the golden test of the shipped examples (#20.2): these four cells are cells of the committed
+`results/examples/smoke`; each must be there under the run id the current code gives it (a run id hashes
+the code that computes it, so a code change that forgot `make examples` fails here), with the same
+numbers bit for bit (a number that moved under an unchanged id fails here).
 """
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from harness.store import Store, load_results
 pytestmark = pytest.mark.integration
 
 SMOKE = Path(__file__).resolve().parents[2] / "experiments" / "smoke.yaml"
+EXAMPLES = Path(__file__).resolve().parents[2] / "results" / "examples" / "smoke"
 
 
 def test_smoke_subset_gptq_beats_rtn(tmp_path):
@@ -40,3 +46,11 @@ def test_smoke_subset_gptq_beats_rtn(tmp_path):
 
     again = run_matrix(load_spec(spec_path).cells("smoke"), store)
     assert again.skipped == 4 and again.done == again.failed == 0
+
+    shipped = Store(EXAMPLES)
+    for record in store.records():
+        example = shipped.get(record["run_id"])
+        assert example is not None, (f"results/examples/smoke has no run {record['run_id']} ({record['method']} "
+                                     f"{record['scheme']}): the code behind it changed; regenerate with `make examples`")
+        assert example["metrics"]["ppl"] == record["metrics"]["ppl"], (record["method"], record["scheme"])
+        assert example["metrics"]["nll"] == record["metrics"]["nll"]
