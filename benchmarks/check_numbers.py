@@ -58,13 +58,14 @@ def compare_smoke(results: Path, reference: Path | None, run: bool) -> list[tupl
 def compare_paper(paper: str, results: Path, reference: Path | None, run: bool) -> list[tuple[str, object, object]]:
     if run:
         _cli("reproduce", paper, "--scale", "smoke", "--results-dir", str(results))
-    ours = {c["id"]: c for c in json.loads((results / "papers" / paper / "claims.json").read_text())}
+    # one result per (claim, model); records from before per-model claims have no "model"
+    ours = {(c["id"], c.get("model")): c for c in json.loads((results / "papers" / paper / "claims.json").read_text())}
     rows = []
     for claim in json.loads(((reference or EXAMPLES) / "papers" / paper / "claims.json").read_text()):
         for term, value in (claim.get("values") or {}).items():
             if any(word in term for word in COST_WORDS):
                 continue
-            got = ((ours.get(claim["id"]) or {}).get("values") or {}).get(term)
+            got = ((ours.get((claim["id"], claim.get("model"))) or {}).get("values") or {}).get(term)
             for stat in ("mean", "std"):
                 rows.append((f"{paper} {claim['id']} {term} {stat}", value.get(stat), (got or {}).get(stat)))
     return rows

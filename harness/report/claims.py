@@ -50,8 +50,15 @@ class Estimate:
     diverged: int = 0  # how many of the n runs were recorded as diverged (their value still counts)
 
     def _combine(self, other: Estimate, op) -> Estimate:
-        return Estimate(op(self.mean, other.mean), math.hypot(self.std, other.std), min(self.n, other.n),
-                        max(self.diverged, other.diverged))
+        """`self op other` with its spread propagated to first order: absolute spreads add in quadrature for
+        + and -, relative ones for * and / (a ratio's spread is relative: 1.53 ± 83 for a ratio was wrong)."""
+        mean = op(self.mean, other.mean)
+        if op in (operator.mul, operator.truediv):
+            rel = math.hypot(self.std / self.mean if self.mean else 0.0, other.std / other.mean if other.mean else 0.0)
+            std = abs(mean) * rel
+        else:
+            std = math.hypot(self.std, other.std)
+        return Estimate(mean, std, min(self.n, other.n), max(self.diverged, other.diverged))
 
 
 @dataclass
@@ -63,10 +70,12 @@ class ClaimResult:
     values: dict[str, Estimate] = field(default_factory=dict)
     detail: str = ""
     paper: Any = None
+    model: str | None = None  # the model the claim was checked on (one result per model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "model": self.model,
             "says": self.says,
             "check": self.check,
             "verdict": self.verdict,
@@ -166,14 +175,14 @@ def _verdict(holds: bool, gap: float, noise: float) -> str:
 
 
 def evaluate_claim(check: str, lookup: ResultLookup, claim_id: str = "", says: str = "", paper: Any = None,
-                   tolerance: float = 0.0) -> ClaimResult:
+                   tolerance: float = 0.0, model: str | None = None) -> ClaimResult:
     """Evaluate one claim. `tolerance` (relative) widens the inconclusive band beyond seed noise."""
     try:
         tree = ast.parse(check, mode="eval").body
     except SyntaxError as exc:
         raise ClaimError(f"claim {claim_id or check!r}: cannot parse {check!r}: {exc.msg}") from None
     evaluator = _Evaluator(lookup)
-    result = ClaimResult(claim_id, check, NOT_RUN, says=says, paper=paper)
+    result = ClaimResult(claim_id, check, NOT_RUN, says=says, paper=paper, model=model or lookup.default_model)
     try:
         if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "approx":
             a, b = (evaluator.term(arg) for arg in tree.args[:2])

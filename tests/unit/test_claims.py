@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+import operator
+
 import pandas as pd
 import pytest
 
@@ -9,6 +12,7 @@ from harness.report.claims import (
     NOT_RUN,
     REPRODUCED,
     ClaimError,
+    Estimate,
     ResultLookup,
     evaluate_claim,
 )
@@ -92,3 +96,28 @@ def test_bad_claims_raise_one_line_errors(lookup, check):
     with pytest.raises(ClaimError) as err:
         evaluate_claim(check, lookup, claim_id="c1")
     assert "\n" not in str(err.value)
+
+
+def test_a_claim_is_checked_per_model_not_averaged_over_models():
+    """(#12.1) Full scales list 2-3 models; a claim's values were averaged over them (std across models)."""
+    import pandas as pd
+
+    from harness.report.paper import check_claims
+
+    rows = [{"model": model, "method_label": method, "method": method, "scheme": "mxfp4", "task": "wikitext2",
+             "metric": "ppl", "value": value, "status": "done", "error": None}
+            for model, method, value in [("a", "brq", 10.0), ("a", "rtn", 12.0), ("b", "brq", 30.0), ("b", "rtn", 20.0)]]
+    spec = {"claims": [{"id": "c", "check": "ppl(brq, mxfp4) < ppl(rtn, mxfp4)"},
+                       {"id": "only_b", "model": "b", "check": "ppl(brq, mxfp4) < ppl(rtn, mxfp4)"}]}
+    results = check_claims(spec, pd.DataFrame(rows))
+    got = {(r.id, r.model): r.verdict for r in results}
+    assert got == {("c", "a"): REPRODUCED, ("c", "b"): NOT_REPRODUCED, ("only_b", "b"): NOT_REPRODUCED}
+    assert all(v.n == 1 and v.std == 0 for r in results for v in r.values.values())
+
+
+def test_a_ratio_carries_a_relative_spread():
+    """(#12.1) x and / added absolute stds: a ratio of 1.53 printed ± 83."""
+    a, b = Estimate(100.0, 10.0, 2), Estimate(50.0, 5.0, 2)
+    ratio = a._combine(b, operator.truediv)
+    assert ratio.mean == 2.0 and abs(ratio.std - 2.0 * math.hypot(0.1, 0.1)) < 1e-12
+    assert a._combine(b, operator.sub).std == math.hypot(10.0, 5.0)
