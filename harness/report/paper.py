@@ -57,9 +57,20 @@ def _fmt_paper(value: Any) -> str:
     return str(value)
 
 
+def paper_column(result: ClaimResult) -> str:
+    """The paper's number, saying so when it is another metric than the one checked (accuracy vs perplexity)."""
+    import re
+
+    text = _fmt_paper(result.paper)
+    checked = set(re.findall(r"\b(ppl|acc|kl)\s*\(", result.check))
+    if checked == {"ppl"} and "acc" in text.lower() and "ppl" not in text.lower():
+        return f"(accuracy; checked here on perplexity) {text}"
+    return text
+
+
 def claims_table(results: list[ClaimResult]) -> pd.DataFrame:
     return pd.DataFrame([
-        {"claim": r.id, "model": r.model or "–", "says": r.says, "check": f"`{r.check}`", "paper": _fmt_paper(r.paper),
+        {"claim": r.id, "model": r.model or "–", "says": r.says, "check": f"`{r.check}`", "paper": paper_column(r),
          "ours": _fmt_values(r),
          "verdict": VERDICT_MARK.get(r.verdict, r.verdict)}
         for r in results

@@ -85,6 +85,9 @@ def format_bars(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None =
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, len(board.mean.columns) * 1.2), 4))
     board.mean.T.plot.bar(ax=ax, yerr=board.std.T.fillna(0), logy=metric == "ppl", rot=30)
+    if board.diverged:  # measured but above the divergence limit: no bar, but never left out silently
+        text = "diverged: " + "; ".join(f"{r} / {c} = {v:.3g}" for (r, c), v in sorted(board.diverged.items()))
+        ax.text(0.01, 0.98, text, transform=ax.transAxes, va="top", fontsize=7, color="#a00")
     ax.set_ylabel(metric)
     ax.set_xlabel("scheme")
     ax.set_title(board.title)

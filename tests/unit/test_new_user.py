@@ -146,3 +146,38 @@ def test_paper_report_html_keeps_the_notes_legend_and_calibration(tmp_path):
     assert "draws no random numbers" in page
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Calibration: c4 16 x 256 tokens." in md
+
+
+def test_a_perplexity_check_says_the_papers_number_is_an_accuracy():
+    """(#20.6) A claim checked on perplexity showed the paper's accuracy as its paper column, unlabelled."""
+    from harness.report.claims import ClaimResult
+    from harness.report.paper import paper_column
+
+    result = ClaimResult("c", "ppl(torq, mxfp4) < ppl(rtn, mxfp4)", "reproduced",
+                         paper={"model": "Qwen3-32B", "avg_acc": {"rtn": 38.4, "torq": 73.63}})
+    assert paper_column(result).startswith("(accuracy; checked here on perplexity)")
+    result.paper = {"wikitext2_ppl": 5.5}
+    assert not paper_column(result).startswith("(")
+
+
+def test_a_diverged_run_is_marked_on_the_format_plot(tmp_path):
+    """(#20.6) Plots left a diverged run blank."""
+    from harness.report import plots
+    from harness.store import load_results
+
+    store = Store(tmp_path / "res")
+    for rid, method, status, ppl in (("a", "fp", "done", 20.0), ("b", "rtn", "failed", 4.7e4)):
+        store.write({"run_id": rid, "status": status, "model": "m", "task": "wikitext2", "method": method,
+                     "method_label": method, "scheme": "w4a4", "seed": 0, "metrics": {"ppl": ppl},
+                     "error": "[eval] RunFailure: diverged: ppl=4.7e+04" if status == "failed" else None,
+                     "protocol": {"seqlen": 256, "max_windows": 4}})
+    seen = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.text
+    matplotlib.axes.Axes.text = lambda self, *a, **k: seen.append(a[2]) or original(self, *a, **k)
+    try:
+        plots.format_bars(load_results(store.root), "ppl", tmp_path / "plots", task="wikitext2", model="m")
+    finally:
+        matplotlib.axes.Axes.text = original
+    assert any("diverged: rtn / w4a4 = 4.7e+04" in t for t in seen), seen
