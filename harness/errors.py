@@ -25,3 +25,11 @@ class InvalidValueError(PtqbenchError, ValueError):
     def __init__(self, what: str, value: object, valid: str):
         self.what, self.value, self.valid = what, value, valid
         super().__init__(f"invalid {what} {value!r}; valid: {valid}")
+
+
+class UnsupportedModelError(PtqbenchError):
+    """A method that cannot run on a model's architecture, with the reason (never run silently wrong)."""
+
+    def __init__(self, method: str, family: str, why: str):
+        self.method, self.family, self.why = method, family, why
+        super().__init__(f"{method} does not support {family} models: {why}")

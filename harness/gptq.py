@@ -96,6 +96,23 @@ def _params(x: torch.Tensor, fmt: Format, tensor_amax, mse_clip: bool) -> QuantP
     return params
 
 
+def clip_searched_rtn(weight: torch.Tensor, fmt: Format | str) -> torch.Tensor:
+    """Round-to-nearest with the reference quantizer's clipping search (QuaRot / SpinQuant `--w_clip` for
+    RTN weights): every quantization group (the tensor, a row, or a group / block) keeps the range shrink
+    1.00 .. 0.80 with the least Σ|q - w|^2.4. Returns the quantized weight (weight's dtype)."""
+    fmt = get_format(fmt)
+    w = weight.detach().float()
+    tensor_amax = w.abs().amax() if fmt.scale_type == "e4m3" else None
+    if fmt.granularity == "tensor":
+        x = w.reshape(1, -1)
+    elif fmt.granularity == "group":
+        x = w.reshape(-1, fmt.group_size)
+    else:
+        x = w.reshape(-1, w.shape[-1])
+    q = quantize_with_params(x, _params(x, fmt, tensor_amax, mse_clip=True), fmt)
+    return q.reshape(weight.shape).to(weight.dtype)
+
+
 def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """U with (H + λI)⁻¹ = UᵀU, λ = damp · mean(diag H); retries with more dampening if H is not PD."""
     if not torch.isfinite(h).all():
@@ -371,7 +388,8 @@ def _solve_experts(view, part: str, per_expert: list[Hessian], fmt: Format, solv
 
 
 def gptq_after_transform(model: nn.Module, install: Callable, calib_inputs: torch.Tensor, weight_fmt: Format | str,
-                         block_size: int = 128, damp: float = 0.01, progress: Callable | None = None) -> GPTQWeights:
+                         block_size: int = 128, damp: float = 0.01, progress: Callable | None = None,
+                         mse_clip: bool = False, true_sequential: bool = False) -> GPTQWeights:
     """GPTQ weights of `model` transformed by `install(copy, adapter)`, solved on a copy (the model is left
     as it is): what transform methods (QuaRot, SpinQuant, OSTQuant, FlatQuant) store as their weights."""
     from harness.models import get_adapter
@@ -380,4 +398,4 @@ def gptq_after_transform(model: nn.Module, install: Callable, calib_inputs: torc
     adapter = get_adapter(work)
     install(work, adapter)
     return gptq_quantize_model(work, adapter, calib_inputs, weight_fmt, block_size=block_size, damp=damp,
-                               progress=progress)
+                               progress=progress, mse_clip=mse_clip, true_sequential=true_sequential)

@@ -68,7 +68,8 @@ class CalibContext:
         if self._inputs is None:
             from harness.data import calibration_windows
 
-            inputs = calibration_windows(self.tokenizer, self.calib.corpus, self.calib.n, self.calib.seqlen, self.seed)
+            inputs = calibration_windows(self.tokenizer, self.calib.corpus, self.calib.n, self.calib.seqlen, self.seed,
+                                         bos_token_id=self.window_bos)
             if not isinstance(inputs, torch.Tensor):
                 inputs = torch.stack([torch.as_tensor(x) for x in inputs])
             self._inputs = inputs
@@ -82,7 +83,12 @@ class CalibContext:
         from harness.data import calibration_windows
 
         return calibration_windows(self.tokenizer, self.calib.corpus, samples or self.calib.n,
-                                   seqlen or self.calib.seqlen, seed=self.seed)
+                                   seqlen or self.calib.seqlen, seed=self.seed, bos_token_id=self.window_bos)
+
+    @property
+    def window_bos(self) -> int | None:
+        """The BOS id every window starts with, for models whose adapter asks for it (else None)."""
+        return self.tokenizer.bos_token_id if getattr(self.adapter, "window_bos", False) else None
 
 
 @torch.no_grad()

@@ -105,6 +105,7 @@ class RotatedTrainingModel:
             raise InvalidValueError("spinquant training form", form, "weights (weights quantized in the loop)")
         scheme = get_scheme(scheme)
         self.form = form
+        get_adapter(model).require_direct_residual_writers("spinquant")
         self.model = copy.deepcopy(model)
         adapter = get_adapter(self.model)
         install_rotations(self.model, adapter, Rotations(qk=qk, down_kind="hadamard"))  # folds norms too

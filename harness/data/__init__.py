@@ -12,11 +12,11 @@ from harness.data.sources import (DATASETS, ENV_VAR, SOURCES, DataFileError, Dat
 from harness.data.text import (ADD_SPECIAL_TOKENS, CALIB_CORPORA, EVAL_TEXTS, MAX_EVAL_WINDOWS, calib_source,
                                calibration_windows, eval_source,
                                clear_token_cache, encode, encode_eval_text, eval_text_protocol, load_eval_text,
-                               tokenizer_fingerprint)
+                               tokenizer_fingerprint, with_bos)
 
 __all__ = [
     "ADD_SPECIAL_TOKENS", "CALIB_CORPORA", "DATASETS", "ENV_VAR", "EVAL_TEXTS", "MAX_EVAL_WINDOWS", "SOURCES",
     "DataFileError", "DatasetMissingError", "available_in", "calib_source", "check_available", "eval_source", "calibration_windows", "clear_token_cache", "data_dir", "encode",
     "encode_eval_text", "eval_text_protocol", "load_eval_text", "load_rows", "mirror_path", "source", "splits",
-    "tokenizer_fingerprint",
+    "tokenizer_fingerprint", "with_bos",
 ]

@@ -142,8 +142,13 @@ def _doc_ids(tokenizer: Any, corpus: str, split: str) -> tuple[list[torch.Tensor
 _DOC_CACHE: dict[tuple[str, str], list[torch.Tensor]] = {}
 
 
+def with_bos(windows: torch.Tensor, bos_token_id: int) -> torch.Tensor:
+    """[n, L] -> [n, L + 1]: the BOS token in front of every window."""
+    return torch.cat([torch.full((windows.shape[0], 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
+
+
 def calibration_windows(tokenizer: Any, corpus: str = "c4", n: int = 128, seqlen: int = 2048, seed: int = 0,
-                        split: str | None = None, return_info: bool = False):
+                        split: str | None = None, return_info: bool = False, bos_token_id: int | None = None):
     """`n` token windows of `seqlen` tokens, LongTensor [n, seqlen], drawn from `seed` alone.
 
     c4 (default split train), GPTQ's rule: pick a document uniformly among those longer than `seqlen`
@@ -151,7 +156,12 @@ def calibration_windows(tokenizer: Any, corpus: str = "c4", n: int = 128, seqlen
     train split): the split's rows joined with "\\n\\n", tokenised once, uniform window starts.
     A private `random.Random(seed)` is used, so the global RNG state is never touched.
     With `return_info=True` returns (windows, info) where info records source, split and documents.
+    With `bos_token_id` every window is BOS + seqlen - 1 drawn tokens (models that need BOS, e.g. Gemma).
     """
+    if bos_token_id is not None:
+        out = calibration_windows(tokenizer, corpus, n, seqlen - 1, seed, split, True)
+        windows, info = with_bos(out[0], bos_token_id), {**out[1], "seqlen": seqlen, "bos_per_window": True}
+        return (windows, info) if return_info else windows
     if corpus not in CALIB_CORPORA:
         raise UnknownNameError("calibration corpus", corpus, CALIB_CORPORA)
     if n < 1 or seqlen < 2:

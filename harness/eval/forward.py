@@ -17,7 +17,7 @@ from harness.eval.result import NonFiniteError, model_device
 
 #: Families whose CausalLM forward is exactly `lm_head(decoder(ids).last_hidden_state)`.
 HEAD_SPLIT_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral",
-                                 "phi3", "olmo2", "gemma"})
+                                 "phi3", "olmo2", "gemma", "gemma3_text"})
 #: Config fields that change logits after the head; a model that sets one takes the plain path.
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 #: fp32 elements per logits chunk (64 MiB on CPU, 256 MiB on GPUs, where small matmuls waste time):
@@ -51,6 +51,14 @@ def make_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
             "tokens_remainder_dropped": int(ids.numel() - available * seqlen), "tokens_evaluated": n * seqlen,
             "tokens_predicted": n * (seqlen - 1)}
     return windows, info
+
+
+def window_bos_id(model: Any, tokenizer: Any) -> int | None:
+    """The BOS id evaluation windows start with when the model's adapter asks for one (Gemma), else None."""
+    from harness.models.adapters import ADAPTERS
+
+    cls = ADAPTERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return getattr(tokenizer, "bos_token_id", None) if cls is not None and cls.window_bos else None
 
 
 def _split_model(model: Any):

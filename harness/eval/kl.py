@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from harness.errors import InvalidValueError
-from harness.eval.forward import logit_chunks
+from harness.eval.forward import logit_chunks, window_bos_id
 from harness.eval.ppl import windows_for
 from harness.eval.result import EvalResult, library_versions, model_device, model_dtype
 
@@ -69,7 +69,7 @@ def collect_reference(model: Any, tokenizer: Any, dataset: str = "wikitext2", se
     """Run the FP model on the perplexity windows of `dataset` and keep what KL needs."""
     if topk < 1:
         raise InvalidValueError("topk", topk, "a positive integer")
-    windows, protocol = windows_for(tokenizer, dataset, seqlen, max_windows, split)
+    windows, protocol = windows_for(tokenizer, dataset, seqlen, max_windows, split, window_bos_id(model, tokenizer))
     n_rows = windows.shape[0] * (seqlen - 1)
     logp_out = torch.empty(n_rows, topk, dtype=torch.float32)
     ids_out = torch.empty(n_rows, topk, dtype=torch.int32)

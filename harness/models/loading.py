@@ -84,6 +84,22 @@ def _gguf_file(package: str, pip_hint: str, filename: str | None = None) -> Path
     return files[0]
 
 
+def _assembled_gguf(package: str, pip_hint: str) -> Path:
+    """The GGUF file a chunked model package assembles (written once, then reused once its sha256 matches)."""
+    if importlib.util.find_spec(package) is None:
+        raise ModelLoadError(f"model package {package!r} is not installed; install it with `{pip_hint}`")
+    module = importlib.import_module(package)
+    target = Path(module.default_output_path())
+    expected = getattr(module, "EXPECTED_SHA256", "")
+    if target.is_file() and file_sha256(target) == expected[:16]:
+        return target
+    try:
+        return Path(module.assemble(overwrite=True))
+    except (OSError, ValueError) as exc:  # a missing chunk package, a full disk, a bad checksum
+        raise ModelLoadError(f"cannot assemble the GGUF file of {package!r} ({_one_line(exc)}); reinstall it "
+                             f"with `{pip_hint}`") from None
+
+
 @functools.lru_cache(maxsize=None)
 def _sha256_prefix(path: str, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
@@ -199,7 +215,10 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
         entry = ALIASES[name]
         if "tiny" in entry:
             return ModelInfo(name, "tiny", alias=name, family=entry["tiny"])
-        path = _gguf_file(entry["gguf_package"], entry["pip"], entry.get("gguf_file"))
+        if "gguf_assemble" in entry:
+            path = _assembled_gguf(entry["gguf_assemble"], entry["pip"])
+        else:
+            path = _gguf_file(entry["gguf_package"], entry["pip"], entry.get("gguf_file"))
         check_gguf_header(path)
         return ModelInfo(name, "gguf", alias=name, path=str(path), sha256=file_sha256(path))
     path = Path(name).expanduser()

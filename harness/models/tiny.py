@@ -3,7 +3,8 @@
 Geometry: hidden 128, 2 layers, 4 query heads sharing 2 KV heads (GQA), head_dim 32 (an MX block fits a
 head, and every preset scheme, int4_g128 included, applies to every linear); Qwen3 uses head_dim 64 so
 that heads x head_dim != hidden, as in the real Qwen3 models. MoE: 4 experts, top-2, expert width 128.
-`llama_h96` has hidden 96 = 3 x 32 (not a power of two) for rotation tests. Norm scales and biases are
+`llama_h96` has hidden 96 = 3 x 32 (not a power of two) for rotation tests; `gemma3` has Gemma-3's sandwich
+norms and tied, scaled embeddings. Norm scales and biases are
 random too (not the 1 / 0 of a fresh init), so folding a norm or a bias wrongly shows in the outputs.
 The tokenizer is a 512-token byte-level BPE trained on a fixed generated text.
 """
@@ -32,6 +33,11 @@ FAMILIES: dict[str, dict] = {
     "mixtral": dict(model_type="mixtral", hidden_size=128, intermediate_size=128, num_local_experts=4,
                     num_experts_per_tok=2),
     "olmoe": dict(model_type="olmoe", hidden_size=128, intermediate_size=128, **_MOE),
+    # Gemma-3: sandwich norms, (1 + w) norms, QK-norm, tied scaled embeddings; one sliding (window 8) and
+    # one global layer, so short test sequences already see both masks
+    "gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_key_value_heads=1,
+                   head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
 }
 
 
@@ -77,9 +83,10 @@ def tiny_config(family: str):
     model_type = spec.pop("model_type")
     tokenizer = tiny_tokenizer()
     common = {**_COMMON, **{k: spec.pop(k) for k in list(spec) if k in _COMMON}}
+    spec.setdefault("tie_word_embeddings", False)
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  tie_word_embeddings=False, **common, **spec)
+                                  **common, **spec)
     config._attn_implementation = "sdpa"
     return config
 

@@ -57,13 +57,13 @@ def wrap_layer(layer, experts: bool = True) -> dict[str, QuantLinear | QuantExpe
 
 
 @torch.no_grad()
-def quantize_weight_(weight: torch.Tensor, fmt) -> None:
+def quantize_weight_(weight: torch.Tensor, fmt, rounding=None) -> None:
     """RTN in place along the input dim ([out, in] or fused [E, out, in])."""
-    weight.copy_(quantize(weight.data, fmt))
+    weight.copy_((rounding or quantize)(weight.data, fmt))
 
 
 def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, quantize_weights: bool = True,
-                 keep_fp_weights: bool = False) -> nn.Module:
+                 keep_fp_weights: bool = False, weight_rounding=None) -> nn.Module:
     """Quantize `model` in place as `scheme` says, through `adapter`; returns the model.
 
     - every nn.Linear of every decoder layer becomes a QuantLinear with the activation format;
@@ -73,6 +73,7 @@ def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, qu
       own experts kernel runs, so an identity scheme stays bit-identical);
     - K/V are quantized inside attention when the scheme has a KV format;
     - lm_head / embeddings only when the scheme says so; routers and norms never.
+    `weight_rounding(w, fmt)` replaces plain RTN (e.g. `harness.gptq.clip_searched_rtn`).
     `keep_fp_weights` keeps the pre-quantization weights on the wrappers (QuantLinear.fp_weight,
     QuantExperts.fp_gate_up / fp_down). The scheme's record is left in `model.ptqbench_scheme`.
     """
@@ -85,7 +86,7 @@ def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, qu
             if keep_fp_weights:
                 wrapped.keep_fp_weight()
             if wfmt is not None:
-                wrapped.quantize_weight(wfmt)
+                wrapped.quantize_weight(wfmt, weight_rounding)
         if layer.experts is not None:
             experts = layer.experts.module
             if (scheme.activation is not None or keep_fp_weights) and not isinstance(experts, QuantExperts):
@@ -95,12 +96,12 @@ def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, qu
                 if keep_fp_weights:
                     experts.keep_fp_weight()
             if wfmt is not None:
-                quantize_experts_weights(experts, wfmt)
+                quantize_experts_weights(experts, wfmt, weight_rounding)
                 if isinstance(experts, QuantExperts):
                     experts.weight_format = wfmt
         attn_modules.append(layer.attn)
     if scheme.lm_head or scheme.embeddings:
-        _quantize_head_and_embeddings(model, adapter, scheme, wfmt, keep_fp_weights)
+        _quantize_head_and_embeddings(model, adapter, scheme, wfmt, keep_fp_weights, weight_rounding)
     if scheme.kv is not None or kv_quant_installed(model) or any(
             getattr(a, "qk_rotation", None) is not None for a in attn_modules):
         install_kv_quant(model, attn_modules, scheme.kv)
@@ -108,16 +109,17 @@ def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, qu
     return model
 
 
-def _quantize_head_and_embeddings(model, adapter, scheme: QuantScheme, wfmt, keep_fp_weights: bool) -> None:
+def _quantize_head_and_embeddings(model, adapter, scheme: QuantScheme, wfmt, keep_fp_weights: bool,
+                                  rounding=None) -> None:
     # tied tables must be split first, or quantizing one would silently quantize the other
     if scheme.lm_head != scheme.embeddings:
         adapter.untie_embeddings()
     if scheme.embeddings and wfmt is not None:
-        quantize_weight_(adapter.embed.weight, wfmt)  # one row per token, groups along hidden
+        quantize_weight_(adapter.embed.weight, wfmt, rounding)  # one row per token, groups along hidden
     if scheme.lm_head:
         head = wrap_linear(*adapter.lm_head_site())
         head.act_format = scheme.activation
         if keep_fp_weights:
             head.keep_fp_weight()
         if wfmt is not None and not (scheme.embeddings and adapter.tied_embeddings):
-            head.quantize_weight(wfmt)
+            head.quantize_weight(wfmt, rounding)

@@ -71,9 +71,9 @@ class QuantLinear(ActQuantized, nn.Module):
             self.fp_weight = self.linear.weight.detach().clone()
 
     @torch.no_grad()
-    def quantize_weight(self, fmt: Format | str) -> None:
+    def quantize_weight(self, fmt: Format | str, rounding=None) -> None:
         """Fake-quantize the weight in place along its input dim (RTN)."""
-        self.linear.weight.copy_(quantize(self.linear.weight.data, fmt))
+        self.linear.weight.copy_((rounding or quantize)(self.linear.weight.data, fmt))
         self.weight_format = get_format(fmt)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,11 +144,12 @@ class QuantExperts(ActQuantized, nn.Module):
         return f"experts={self.num_experts}, act={act}"
 
 
-def quantize_experts_weights(experts: nn.Module, fmt: Format | str) -> None:
+def quantize_experts_weights(experts: nn.Module, fmt: Format | str, rounding=None) -> None:
     """Fake-quantize every expert's gate_up and down slice in place (along the input dim)."""
     with torch.no_grad():
-        experts.gate_up_proj.copy_(quantize(experts.gate_up_proj.data, fmt))
-        experts.down_proj.copy_(quantize(experts.down_proj.data, fmt))
+        rounding = rounding or quantize
+        experts.gate_up_proj.copy_(rounding(experts.gate_up_proj.data, fmt))
+        experts.down_proj.copy_(rounding(experts.down_proj.data, fmt))
 
 
 # ---- KV cache ---------------------------------------------------------------------------------

@@ -9,9 +9,15 @@ A claim is a comparison written in a tiny expression language over the results t
 Functions: ppl / acc / kl / metric("name", ...) take a method label and a scheme name (bare words are
 strings), plus optional keywords task=, model=. `ppl` reads the perplexity of the first perplexity task
 (or task=...), `acc` the zero-shot accuracy under the recorded metric policy, `kl` the KL to FP.
-Values are means over seeds; seed spread (std) widens the band inside which a comparison is called
-"inconclusive" instead of reproduced / not reproduced. A claim whose runs are missing or failed is
-"not run". Expressions are parsed with `ast` and evaluated by a small whitelist, never `eval`.
+Values are means over seeds. Every term also carries bootstrap replicates (harness.report.intervals):
+perplexities are resampled over their evaluation windows, the same resamples for every term measured on
+the same windows (so a comparison is paired), and over seed runs; other metrics use their standard error
+or seed spread. An expression's replicates are computed term by term, so `a < b`, `a / b < 0.9` and
+`approx(a, b, rel=...)` all get the interval of the quantity they compare. Verdicts at 95%:
+"reproduced" (the claim holds over the whole interval), "contradicted" (its opposite does),
+"inconclusive" (the interval straddles the boundary), or "not run" (a run is missing or failed).
+`tolerance` (relative) widens the boundary. Expressions are parsed with `ast` and evaluated by a small
+whitelist, never `eval`.
 """
 from __future__ import annotations
 
@@ -21,10 +27,14 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from harness.errors import PtqbenchError
+from harness.report.intervals import Interval, Resampler, normal_draws, parse_window_nll, ppl_draws
 from harness.store import DIVERGED_MARK
 
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = "reproduced", "not reproduced", "inconclusive", "not run"
+REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_RUN = "reproduced", "contradicted", "inconclusive", "not run"
+NOT_REPRODUCED = CONTRADICTED  # the former name of the verdict
 
 # metric names in the records, per claim function
 METRIC_OF = {"ppl": "ppl", "acc": "acc", "kl": "kl"}
@@ -42,23 +52,35 @@ class MissingResult(Exception):
 
 @dataclass
 class Estimate:
-    """A mean over seeds with its spread (0 for a single seed)."""
+    """A mean over seeds, its seed spread (0 for a single seed) and its bootstrap replicates."""
 
     mean: float
     std: float = 0.0
     n: int = 1
     diverged: int = 0  # how many of the n runs were recorded as diverged (their value still counts)
+    draws: np.ndarray | None = None  # replicates; None: a constant
+    paired_on: tuple | None = None  # the windows the replicates resample (None: not window data)
 
     def _combine(self, other: Estimate, op) -> Estimate:
-        """`self op other` with its spread propagated to first order: absolute spreads add in quadrature for
-        + and -, relative ones for * and / (a ratio's spread is relative: 1.53 ± 83 for a ratio was wrong)."""
+        """`self op other`, replicate by replicate (the replicates of terms on the same windows are paired).
+        `std` keeps the first-order seed spread: absolute spreads add in quadrature for + and -, relative
+        ones for * and /."""
         mean = op(self.mean, other.mean)
         if op in (operator.mul, operator.truediv):
             rel = math.hypot(self.std / self.mean if self.mean else 0.0, other.std / other.mean if other.mean else 0.0)
             std = abs(mean) * rel
         else:
             std = math.hypot(self.std, other.std)
-        return Estimate(mean, std, min(self.n, other.n), max(self.diverged, other.diverged))
+        draws = None
+        if self.draws is not None or other.draws is not None:
+            draws = op(self.draws if self.draws is not None else self.mean,
+                       other.draws if other.draws is not None else other.mean)
+        paired = self.paired_on if self.paired_on == other.paired_on else None
+        return Estimate(mean, std, min(self.n, other.n), max(self.diverged, other.diverged), draws, paired)
+
+    @property
+    def interval(self) -> Interval | None:
+        return None if self.draws is None else Interval.of(self.draws)
 
 
 @dataclass
@@ -71,6 +93,9 @@ class ClaimResult:
     detail: str = ""
     paper: Any = None
     model: str | None = None  # the model the claim was checked on (one result per model)
+    #: per comparison: the compared quantity (a ratio left / right, or approx's relative gap), its 95%
+    #: interval and whether it was paired on the same windows
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,18 +105,28 @@ class ClaimResult:
             "check": self.check,
             "verdict": self.verdict,
             "detail": self.detail,
-            "values": {k: {"mean": v.mean, "std": v.std, "seeds": v.n} for k, v in self.values.items()},
+            "comparisons": self.comparisons,
+            "values": {k: _value_dict(v) for k, v in self.values.items()},
             "paper": self.paper,
         }
+
+
+def _value_dict(v: Estimate) -> dict[str, Any]:
+    out: dict[str, Any] = {"mean": v.mean, "std": v.std, "seeds": v.n}
+    if v.interval is not None:
+        out["ci95"] = [v.interval.low, v.interval.high]
+    return out
 
 
 class ResultLookup:
     """Finds metric values in the tidy results DataFrame (harness.store.load_results)."""
 
-    def __init__(self, df, default_ppl_task: str | None = None, default_model: str | None = None):
+    def __init__(self, df, default_ppl_task: str | None = None, default_model: str | None = None,
+                 resampler: Resampler | None = None):
         self.df = df
         self.default_ppl_task = default_ppl_task
         self.default_model = default_model
+        self.resampler = resampler or Resampler()
 
     def _method_column(self) -> str:
         return "method_label" if "method_label" in self.df.columns else "method"
@@ -122,7 +157,33 @@ class ResultLookup:
         if values.isna().any():
             raise MissingResult(f"{label}: NaN")
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        return Estimate(float(values.mean()), std, len(values), int((rows["status"] != "done").sum()))
+        estimate = Estimate(float(values.mean()), std, len(values), int((rows["status"] != "done").sum()))
+        self._add_draws(estimate, rows, metric, label)
+        return estimate
+
+    def _add_draws(self, estimate: Estimate, rows, metric: str, label: str) -> None:
+        """Bootstrap replicates: over windows (paired by window cut) for perplexity, else normal."""
+        resampler = self.resampler
+        nll = [parse_window_nll(v) for v in rows["info.window_nll"]] if "info.window_nll" in rows else []
+        if metric == "ppl" and nll and all(w is not None for w in nll) and len({len(w) for w in nll}) == 1:
+            first = rows.iloc[0]
+            windows = int(len(nll[0]))
+            tokens = int(first["protocol.tokens_predicted"]) // windows
+            key = tuple(str(first.get(c)) for c in ("model", "task", "protocol.seqlen", "protocol.bos_per_window"))
+            indices = resampler.window_indices(key, windows)
+            estimate.draws = ppl_draws(nll, tokens, indices, resampler.rng(label))
+            estimate.paired_on = (*key, windows)
+            return
+        stderr_col = f"{metric}_stderr"
+        stderr = 0.0
+        if estimate.n > 1:
+            stderr = estimate.std / math.sqrt(estimate.n)
+        elif "metric" in self.df:  # lm-eval's per-task standard error, recorded as `<metric>_stderr`
+            same = self.df[(self.df["run_id"].isin(rows["run_id"])) & (self.df["metric"] == stderr_col)] \
+                if "run_id" in self.df else self.df.iloc[0:0]
+            if not same.empty:
+                stderr = float(same["value"].astype(float).mean())
+        estimate.draws = normal_draws(estimate.mean, stderr, resampler.resamples, resampler.rng(label))
 
 
 class _Evaluator:
@@ -168,15 +229,70 @@ class _Evaluator:
         return estimate
 
 
-def _verdict(holds: bool, gap: float, noise: float) -> str:
-    if noise > 0 and abs(gap) <= noise:
-        return INCONCLUSIVE
-    return REPRODUCED if holds else NOT_REPRODUCED
+def _compare(left: Estimate, right: Estimate, op: type, tolerance: float) -> tuple[str, dict[str, Any], str]:
+    """(verdict, comparison record, detail text) of `left op right` at 95%: the interval of the margin by
+    which the claim holds (right - left for < and <=, left - right for > and >=) against ±band."""
+    less = op in (ast.Lt, ast.LtE)
+    band = tolerance * max(abs(left.mean), abs(right.mean))
+    paired = left.paired_on is not None and left.paired_on == right.paired_on
+    record: dict[str, Any] = {"op": OP_TEXT[op], "left": left.mean, "right": right.mean, "paired": paired}
+    text = f"{_num(left)} vs {_num(right)}"
+    lhs = left.draws if left.draws is not None else np.asarray(left.mean)
+    rhs = right.draws if right.draws is not None else np.asarray(right.mean)
+    margin = Interval.of(_broadcast((rhs - lhs) if less else (lhs - rhs)))
+    record["margin_ci95"] = [margin.low, margin.high]
+    if left.mean > 0 and right.mean > 0 and np.all(rhs > 0):
+        ratio = Interval.of(_broadcast(lhs / rhs))
+        record.update(ratio=left.mean / right.mean, ratio_ci95=[ratio.low, ratio.high])
+        text += f": ratio {left.mean / right.mean:.3f} ({ratio.low:.3f}-{ratio.high:.3f}{'' if paired else ', unpaired'})"
+    if margin.low == margin.high:
+        text += " (point values: no per-window data or spread recorded)"
+    if margin.low > band:
+        return REPRODUCED, record, text
+    if margin.high < -band:
+        return CONTRADICTED, record, text
+    return INCONCLUSIVE, record, text
+
+
+def _broadcast(values) -> np.ndarray:
+    return np.atleast_1d(np.asarray(values, dtype=np.float64))
+
+
+def _num(v: Estimate) -> str:
+    ci = v.interval
+    if ci is not None and ci.low != ci.high:
+        return f"{v.mean:.4g} [{ci.low:.4g}, {ci.high:.4g}]"
+    return f"{v.mean:.4g}{'±%.2g' % v.std if v.std else ''}"
+
+
+OP_TEXT = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
+
+
+def _approx(a: Estimate, b: Estimate, rel: float) -> tuple[str, dict[str, Any], str]:
+    """approx(a, b, rel): the relative gap a / b - 1 lies within ±rel over its whole 95% interval
+    (reproduced), entirely outside it (contradicted), or straddles a bound (inconclusive)."""
+    gap = a.mean / b.mean - 1 if b.mean else math.inf
+    ad = a.draws if a.draws is not None else np.asarray(a.mean)
+    bd = b.draws if b.draws is not None else np.asarray(b.mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ci = Interval.of(_broadcast(ad / bd - 1))
+    low, high = ci.low, ci.high
+    if -rel <= low and high <= rel:
+        verdict = REPRODUCED
+    elif low > rel or high < -rel:
+        verdict = CONTRADICTED
+    else:
+        verdict = INCONCLUSIVE
+    paired = a.paired_on is not None and a.paired_on == b.paired_on
+    record = {"op": "approx", "rel": rel, "gap": gap, "gap_ci95": [low, high], "paired": paired}
+    text = (f"{_num(a)} vs {_num(b)}: gap {gap:+.2%} ({low:+.2%} to {high:+.2%}){'' if paired else ' (unpaired)'} "
+            f"vs allowed ±{rel:.0%}")
+    return verdict, record, text
 
 
 def evaluate_claim(check: str, lookup: ResultLookup, claim_id: str = "", says: str = "", paper: Any = None,
                    tolerance: float = 0.0, model: str | None = None) -> ClaimResult:
-    """Evaluate one claim. `tolerance` (relative) widens the inconclusive band beyond seed noise."""
+    """Evaluate one claim at 95% (see the module docstring). `tolerance` (relative) widens the boundary."""
     try:
         tree = ast.parse(check, mode="eval").body
     except SyntaxError as exc:
@@ -187,22 +303,20 @@ def evaluate_claim(check: str, lookup: ResultLookup, claim_id: str = "", says: s
         if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "approx":
             a, b = (evaluator.term(arg) for arg in tree.args[:2])
             rel = float(next((k.value.value for k in tree.keywords if k.arg == "rel"), 0.01))
-            gap = abs(a.mean - b.mean)
-            limit = rel * abs(b.mean) + math.hypot(a.std, b.std)
-            result.verdict = REPRODUCED if gap <= limit else NOT_REPRODUCED
-            result.detail = f"|{a.mean:.4g} - {b.mean:.4g}| = {gap:.3g} vs allowed {limit:.3g}"
+            result.verdict, record, result.detail = _approx(a, b, rel)
+            result.comparisons = [record]
         elif isinstance(tree, ast.Compare):
             terms = [evaluator.term(tree.left)] + [evaluator.term(c) for c in tree.comparators]
             verdicts, details = [], []
             for (left, right), op in zip(zip(terms, terms[1:]), tree.ops):
                 if type(op) not in COMPARATORS:
                     raise ClaimError(f"claim {claim_id!r}: comparison {type(op).__name__} not supported; use < <= > >=")
-                noise = math.hypot(left.std, right.std) + tolerance * max(abs(left.mean), abs(right.mean))
-                verdicts.append(_verdict(COMPARATORS[type(op)](left.mean, right.mean), right.mean - left.mean, noise))
-                details.append(f"{left.mean:.4g}{'±%.2g' % left.std if left.std else ''} vs "
-                               f"{right.mean:.4g}{'±%.2g' % right.std if right.std else ''}")
-            if NOT_REPRODUCED in verdicts:
-                result.verdict = NOT_REPRODUCED
+                verdict, record, text = _compare(left, right, type(op), tolerance)
+                verdicts.append(verdict)
+                result.comparisons.append(record)
+                details.append(text)
+            if CONTRADICTED in verdicts:
+                result.verdict = CONTRADICTED
             elif INCONCLUSIVE in verdicts:
                 result.verdict = INCONCLUSIVE
             else:

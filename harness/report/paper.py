@@ -16,7 +16,7 @@ import pandas as pd
 from harness.report.claims import ClaimResult, ResultLookup, evaluate_claim
 from harness.report.leaderboard import headline_leaderboards
 
-VERDICT_MARK = {"reproduced": "✅ reproduced", "not reproduced": "❌ not reproduced",
+VERDICT_MARK = {"reproduced": "✅ reproduced", "contradicted": "❌ contradicted",
                 "inconclusive": "➖ inconclusive", "not run": "⏸ not run"}
 
 

@@ -3,12 +3,16 @@
 Sites (QuaRot's names):
 - R1 `residual` [d, d]: RMSNorm scales folded into the linears they feed (and lm_head), embeddings
   untied; embeddings, every residual reader (q, k, v, gate, up, router, experts' gate_up) get W Q, every
-  writer (o, down, experts' down) gets Qᵀ W; offline, zero run-time cost.
+  writer (o, down, experts' down) gets Qᵀ W; offline, zero run-time cost. Where a norm sits on a
+  branch's output (Gemma-3's sandwich norms) the writer stays and Q is applied online after that norm.
 - R2 `head` [hd, hd]: per head, v_proj output and o_proj input; offline. `heads` (one per layer, overrides
   `head`): [hd, hd] for every head of that layer, or [kv_heads, hd, hd], one per KV head, shared by the
   query heads of its GQA group (learned R2 of SpinQuant / DartQuant).
 - R3 `qk` [hd, hd]: online on Q and K after RoPE (cancels in Q Kᵀ; only the quantized K sees it).
 - R4 `down`: online before down_proj (and every expert's down), inverse fused into its weight.
+- `o_heads` [heads, heads]: online on o_proj's input across heads, fused into o_proj's weight; with a
+  per-head Hadamard R2 on V this makes o_proj's input see the full H_heads ⊗ H_hd (QuaRot's
+  `rotate_ov_proj` + `online_partial_had`).
 With every quantizer off the rotated model computes the same function (see `equivalence_error`).
 """
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Rotations:
     down_block: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     heads: list[torch.Tensor] = field(default_factory=list)  # per-layer R2, see the module docstring
+    o_heads: torch.Tensor | None = None  # [heads, heads]: online across heads on o_proj's input (QuaRot)
 
     def as_float64(self) -> Rotations:
         """A copy with every matrix in float64 (how a calibration stores them)."""
@@ -52,7 +57,7 @@ class Rotations:
 
         return Rotations(f64(self.residual), f64(self.head), f64(self.qk), self.down_kind,
                          [f64(m) for m in self.down], f64(self.down_block), dict(self.info),
-                         [f64(m) for m in self.heads])
+                         [f64(m) for m in self.heads], f64(self.o_heads))
 
     def head_of(self, index: int) -> torch.Tensor | None:
         """R2 of layer `index`: its own from `heads` when given, else the shared `head`."""
@@ -80,6 +85,12 @@ def rotate_residual(adapter, q: torch.Tensor) -> None:
             rotate_input(module.weight, q)
         for lin in layer.residual_writers:
             rotate_output(lin.weight, q, lin.bias)
+        # a norm on the branch output (Gemma) does not commute with Q: rotate after it, online (exact,
+        # costs one hidden x hidden product per branch; the norm's input stays unrotated)
+        for role in ("attn_out_norm", "mlp_out_norm"):
+            if role in layer.sites:
+                norm = layer.site(role)
+                layer.replace_site(role, torch.nn.Sequential(norm, OnlineTransform(matrix=q, name="R1 after branch norm")))
         if layer.experts is not None:
             rotate_input(layer.experts.gate_up, q)
             rotate_output(layer.experts.down, q)
@@ -107,6 +118,17 @@ def rotate_heads(layer, r: torch.Tensor, adapter) -> None:
         rotate_heads_value(layer.v.weight[rows], r[j], hd, None if bias is None else bias[rows])
     for h in range(geometry.num_heads):
         rotate_heads_input(layer.o.weight[:, h * hd:(h + 1) * hd], r[h // geometry.kv_groups], hd)
+
+
+def across_heads(matrix: torch.Tensor, head_dim: int):
+    """x -> x (M ⊗ I_hd): mixes the heads of an attention output [..., heads * hd] by M [heads, heads]."""
+    m = matrix.to(torch.float32)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        heads = x.reshape(*x.shape[:-1], m.shape[0], head_dim)
+        return torch.einsum("...hd,hg->...gd", heads, m.to(x.device)).reshape(x.shape)
+
+    return apply
 
 
 def online_fn(kind: str, matrix: torch.Tensor | None = None):
@@ -143,6 +165,10 @@ def install_rotations(model, adapter, rot: Rotations) -> None:
         head = rot.head_of(layer.index)
         if head is not None:
             rotate_heads(layer, head, adapter)
+        if rot.o_heads is not None:
+            o = wrap_site(layer, "o")
+            rotate_input(o.linear.weight, torch.kron(rot.o_heads.double(), torch.eye(adapter.head_dim, dtype=torch.float64)))
+            o.input_transform = OnlineTransform(apply_fn=across_heads(rot.o_heads, adapter.head_dim), name="o across heads")
         if rot.down_kind is not None:
             for role in ("down", "shared_down"):
                 if role in layer.sites:

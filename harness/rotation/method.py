@@ -22,6 +22,10 @@ class RotationParams(MethodParams):
     weight_solver: Literal["rtn", "gptq"] = "gptq"
     gptq_damp: NonNegativeFloat = 0.01
     gptq_block_size: PositiveInt = 128
+    # QuaRot's / SpinQuant's official weight quantizer: `--w_clip` (a per-group clipping search, for GPTQ and
+    # RTN weights alike) and GPTQ solved q/k/v -> o -> up/gate -> down, each stage after the previous one
+    w_clip: bool = True
+    gptq_true_sequential: bool = True
 
 
 @dataclass(kw_only=True)
@@ -68,8 +72,10 @@ class RotationMethod(Method):
 
         weights = gptq_after_transform(ctx.model, install, ctx.calib_inputs(), weight_fmt,
                                        block_size=self.params.gptq_block_size, damp=self.params.gptq_damp,
-                                       progress=ctx.progress)
-        meta["gptq"] = {"n_weights": len(weights), "weight_format": weight_fmt.name}
+                                       progress=ctx.progress, mse_clip=self.params.w_clip,
+                                       true_sequential=self.params.gptq_true_sequential)
+        meta["gptq"] = {"n_weights": len(weights), "weight_format": weight_fmt.name, "w_clip": self.params.w_clip,
+                        "true_sequential": self.params.gptq_true_sequential}
         return dict(weights)
 
     def install(self, model, adapter, state: RotationState) -> None:
@@ -82,8 +88,16 @@ class RotationMethod(Method):
         self.install(model, adapter, state)
         self._metrics = dict(state.meta.get("info", {}).get("metrics", {}))
         solved = load_solved_weights(model, state.weights)
-        apply_scheme(model, adapter, scheme, quantize_weights=not solved)
+        apply_scheme(model, adapter, scheme, quantize_weights=not solved, weight_rounding=self.weight_rounding())
         return model
+
+    def weight_rounding(self):
+        """How RTN weights are rounded: with the clipping search (`w_clip`, the official default), else plain."""
+        if not self.params.w_clip:
+            return None
+        from harness.gptq import clip_searched_rtn
+
+        return clip_searched_rtn
 
     def metrics(self, model, ctx) -> dict[str, float]:
         return dict(getattr(self, "_metrics", {}))

@@ -35,7 +35,7 @@ from harness.registry import broken_methods, get_method, list_methods
 from harness.state import State, state_difference
 
 METHODS = list_methods()
-FAMILIES = ["llama", "qwen3_moe"]
+FAMILIES = ["llama", "qwen3_moe", "gemma3"]
 MOE_FAMILIES = ["qwen3_moe"]
 #: Scheme of the state, determinism and MoE checks: weights, activations and the KV cache quantized.
 QUANT_SCHEME = "w4a4kv4"

@@ -121,3 +121,84 @@ def test_a_ratio_carries_a_relative_spread():
     ratio = a._combine(b, operator.truediv)
     assert ratio.mean == 2.0 and abs(ratio.std - 2.0 * math.hypot(0.1, 0.1)) < 1e-12
     assert a._combine(b, operator.sub).std == math.hypot(10.0, 5.0)
+
+
+# ---- paired bootstrap intervals (harness.report.intervals) ----------------------------------------------
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from harness.report.claims import CONTRADICTED  # noqa: E402
+
+TOKENS = 255  # predicted tokens per window
+
+
+def window_rows(method, nll, seed=0, seqlen=256, scheme="s"):
+    """A perplexity record with per-window NLL sums (what ppl records store in info.window_nll)."""
+    nll = np.asarray(nll, dtype=np.float64)
+    return {"method": method, "scheme": scheme, "seed": seed, "value": math.exp(nll.sum() / (len(nll) * TOKENS)),
+            "info.window_nll": json.dumps(nll.tolist()), "protocol.tokens_predicted": len(nll) * TOKENS,
+            "protocol.seqlen": seqlen, "protocol.bos_per_window": False, "run_id": f"{method}-{seed}-{seqlen}"}
+
+
+def _hard_windows(n=16, seed=0):
+    """Per-window NLL sums whose window-to-window spread (x0.5..x2 in per-token NLL) dwarfs a 2% effect."""
+    return np.random.default_rng(seed).uniform(1.5, 4.5, n) * TOKENS
+
+
+def test_a_small_consistent_gain_is_reproduced_paired_and_inconclusive_unpaired():
+    base = _hard_windows()
+    better = base * 0.98  # 2% lower NLL on every window
+    paired = ResultLookup(results([window_rows("a", better), window_rows("b", base)]))
+    r = evaluate_claim("ppl(a, s) < ppl(b, s)", paired)
+    assert r.verdict == REPRODUCED and r.comparisons[0]["paired"]
+    low, high = r.comparisons[0]["ratio_ci95"]
+    assert low < r.comparisons[0]["ratio"] < high < 1.0
+    # the same two numbers on different window cuts (another seqlen): no pairing, the window noise stays
+    unpaired = ResultLookup(results([window_rows("a", better, seqlen=255), window_rows("b", base)]))
+    r = evaluate_claim("ppl(a, s) < ppl(b, s)", unpaired)
+    assert r.verdict == INCONCLUSIVE and not r.comparisons[0]["paired"] and "unpaired" in r.detail
+
+
+def test_the_opposite_beyond_noise_is_contradicted_and_the_interval_is_printed():
+    base = _hard_windows()
+    lookup = ResultLookup(results([window_rows("a", base * 1.05), window_rows("b", base)]))
+    r = evaluate_claim("ppl(a, s) < ppl(b, s)", lookup)
+    assert r.verdict == CONTRADICTED
+    assert r.comparisons[0]["margin_ci95"][1] < 0 and "ratio 1.1" in r.detail and "[" in r.detail
+
+
+def test_seed_spread_widens_a_paired_interval():
+    base = _hard_windows()
+    one = ResultLookup(results([window_rows("a", base * 0.99), window_rows("b", base)]))
+    noisy = ResultLookup(results([window_rows("a", base * 0.99 * f, seed=i) for i, f in enumerate((0.95, 1.0, 1.05))]
+                                 + [window_rows("b", base)]))
+    width = {}
+    for name, lookup in (("one", one), ("seeds", noisy)):
+        low, high = evaluate_claim("ppl(a, s) < ppl(b, s)", lookup).comparisons[0]["ratio_ci95"]
+        width[name] = high - low
+    assert width["seeds"] > 3 * width["one"]
+    assert evaluate_claim("ppl(a, s) < ppl(b, s)", noisy).verdict == INCONCLUSIVE
+
+
+def test_ratio_and_approx_claims_use_the_interval_of_their_quantity():
+    base = _hard_windows()
+    # 0.1 nats less on every token of every window: the ratio is exp(-0.1) on any resample of the windows
+    lookup = ResultLookup(results([window_rows("a", base - 0.1 * TOKENS), window_rows("b", base)]))
+    ratio = math.exp(-0.1)
+    assert evaluate_claim(f"ppl(a, s) / ppl(b, s) < {ratio * 1.02}", lookup).verdict == REPRODUCED
+    assert evaluate_claim(f"ppl(a, s) / ppl(b, s) < {ratio * 0.98}", lookup).verdict == CONTRADICTED
+    close = ResultLookup(results([window_rows("a", base * 1.001), window_rows("b", base)]))
+    assert evaluate_claim("approx(ppl(a, s), ppl(b, s), rel=0.02)", close).verdict == REPRODUCED
+    assert evaluate_claim("approx(ppl(a, s), ppl(b, s), rel=0.02)", lookup).verdict == CONTRADICTED
+    # unpaired, the window noise makes "within 2%" undecidable
+    far = ResultLookup(results([window_rows("a", base * 1.001, seqlen=255), window_rows("b", base)]))
+    assert evaluate_claim("approx(ppl(a, s), ppl(b, s), rel=0.02)", far).verdict == INCONCLUSIVE
+
+
+def test_intervals_are_reproducible():
+    base = _hard_windows()
+    rows = [window_rows("a", base * 0.99), window_rows("b", base)]
+    first = evaluate_claim("ppl(a, s) < ppl(b, s)", ResultLookup(results(rows))).comparisons
+    again = evaluate_claim("ppl(a, s) < ppl(b, s)", ResultLookup(results(rows))).comparisons
+    assert first == again

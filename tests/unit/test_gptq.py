@@ -374,3 +374,25 @@ def test_experts_without_tokens_fall_back_to_rtn_loudly():
         rtn = quantize(before[key], "int4")
         for e in range(4):
             assert torch.equal(after[key][e], rtn[e]) == (e in entry["experts"]), (key, e)
+
+
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4", "mxfp4", "nvfp4"])
+def test_clip_searched_rtn_never_loses_to_plain_rtn_per_group(fmt):
+    """QuaRot's `--w_clip` for RTN weights: each group keeps the shrink with the least Σ|q - w|^2.4, so no
+    group is worse than plain RTN, and heavy-tailed weights gain."""
+    from harness.formats import get_format, quantize
+    from harness.gptq import MSE_NORM, clip_searched_rtn
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) ** 3  # heavy tails: clipping pays
+    spec = get_format(fmt)
+    group = spec.group_size if spec.granularity == "group" else w.shape[1]
+    plain, clipped = quantize(w, spec), clip_searched_rtn(w, spec)
+
+    def err(q):
+        return (q - w).abs().pow(MSE_NORM).reshape(-1, group).sum(-1)
+
+    assert (err(clipped) <= err(plain) * (1 + 1e-6)).all()
+    if spec.scale_type != "e8m0":  # power-of-two block scales barely move under a <= 20% shrink
+        assert err(clipped).sum() < 0.97 * err(plain).sum()
+    assert torch.equal(clip_searched_rtn(w, spec), clipped)  # deterministic

@@ -45,7 +45,9 @@ def test_tiny_models_are_finite_deterministic_and_geometry_matches_shapes(family
         assert layer.o.weight.shape == (geo.hidden_size, geo.num_heads * geo.head_dim)
     assert geo.num_heads % geo.num_kv_heads == 0 and geo.kv_groups == geo.num_heads // geo.num_kv_heads
     assert adapter.is_moe == (family in MOE)
-    assert geo.rope_theta == model.config.rope_parameters["rope_theta"]
+    rope = model.config.rope_parameters
+    rope = rope.get("full_attention", rope)  # Gemma-3: one RoPE per layer type, the global layers' theta
+    assert geo.rope_theta == rope["rope_theta"]
 
 
 def test_tiny_geometry_is_gqa_and_qwen3_has_wide_heads():
@@ -103,8 +105,10 @@ def test_adapter_groups_are_what_the_model_computes(family):
                 assert set(group.expert_params) == {"experts.gate_up"}
         if layer.experts is None:
             gate, up = ins["mlp_in/gate"][0], ins["mlp_in/up"][0]
-            act = model.config.hidden_act
-            expected = getattr(F, act)(F.linear(gate, layer.mlp_linears["gate"].weight)) * F.linear(
+            from transformers.activations import ACT2FN
+
+            act = ACT2FN[getattr(model.config, "hidden_activation", None) or model.config.hidden_act]  # Gemma: GeGLU
+            expected = act(F.linear(gate, layer.mlp_linears["gate"].weight)) * F.linear(
                 up, layer.mlp_linears["up"].weight)
             torch.testing.assert_close(ins["down/down"][0], expected, rtol=1e-5, atol=1e-6)
         else:

@@ -21,8 +21,8 @@ SPEC = {
 
 def test_report_has_claims_tables_and_failures(tmp_path):
     md = write_paper_report(SPEC, frame(), tmp_path).read_text()
-    assert "✅ reproduced" in md and "⏸ not run" in md and "❌ not reproduced" in md
+    assert "✅ reproduced" in md and "⏸ not run" in md and "❌ contradicted" in md
     assert "Llama-2-7B" in md and "## Failed runs" in md and "seqlen=512" in md
     claims = json.loads((tmp_path / "claims.json").read_text())
-    assert [c["verdict"] for c in claims] == ["reproduced", "not run", "not reproduced"]
+    assert [c["verdict"] for c in claims] == ["reproduced", "not run", "contradicted"]
     assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")

@@ -31,7 +31,7 @@ def test_reproduce_runs_the_spec_and_writes_the_report(tmp_path, monkeypatch):
     # the verdict follows the recorded numbers (a random tiny model may go either way)
     runs = [json.loads(f.read_text()) for f in (tmp_path / "res" / "runs").glob("*.json")]
     ppl = {r["method"]: r["metrics"]["ppl"] for r in runs}
-    assert claims == {"rtn_costs": "reproduced" if ppl["rtn"] > ppl["fp"] else "not reproduced", "missing": "not run"}
+    assert claims == {"rtn_costs": "reproduced" if ppl["rtn"] > ppl["fp"] else "contradicted", "missing": "not run"}
     assert "seqlen=32" in (report / "report.md").read_text()
     # a rerun resumes: nothing left to run, same report
     assert main(["reproduce", "demo", "--scale", "smoke", "--results-dir", str(tmp_path / "res"), "--no-track"]) == 0

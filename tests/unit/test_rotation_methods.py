@@ -75,3 +75,34 @@ def test_hcast_with_quantizers_off_keeps_logits_and_changes_mxint4(family):
     _, hadamard_first, _, _ = run("hcast", family, scheme="mxint4")
     with torch.no_grad():
         assert not torch.equal(plain(ids).logits, hadamard_first(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_quarot_o_proj_input_sees_the_full_hadamard(family):
+    """QuaRot's official o_proj input is attn_out (H_heads ⊗ H_hd): per-head R2 on V plus the online
+    cross-head Hadamard; quantizers off the logits stay."""
+    from harness.method import CalibConfig, CalibContext
+    from harness.quant import get_scheme
+    from harness.registry import get_method
+    from harness.transforms import hadamard
+
+    model, tok, adapter = make_tiny_model(family)
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    handle = adapter.layer(1).o.register_forward_pre_hook(lambda m, a: seen.__setitem__("fp", a[0]))
+    ref = model(ids).logits
+    handle.remove()
+    method = get_method("quarot")({"weight_solver": "rtn"})
+    ctx = CalibContext(model=model, tokenizer=tok, adapter=adapter, scheme=get_scheme("w16a16"),
+                       calib=CalibConfig(corpus="wikitext2", n=1, seqlen=16), seed=0)
+    state = method.calibrate(ctx)
+    assert state.meta["info"]["o_heads"] == "hadamard"
+    method.apply(model, adapter, state, get_scheme("w16a16"))
+    adapter = get_adapter(model)
+    transform = adapter.layer(1).site("o").input_transform  # what o_proj's quantizer reads
+    handle = transform.register_forward_hook(lambda m, a, y: seen.__setitem__("rot", y))
+    out = model(ids).logits
+    handle.remove()
+    full = torch.kron(hadamard(adapter.num_heads), hadamard(adapter.head_dim)).float()
+    torch.testing.assert_close(seen["rot"], seen["fp"] @ full, rtol=1e-4, atol=1e-5)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5

@@ -9,16 +9,16 @@ from torch import nn
 
 from harness.errors import UnknownNameError
 from harness.models.adapters.base import AttentionGeometry, DecoderAdapter, Experts, LayerView, LinearGroup, WeightRef
-from harness.models.adapters.dense import LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from harness.models.adapters.dense import Gemma3Adapter, LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from harness.models.adapters.moe import MixtralAdapter, OlmoeAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
 
 ADAPTERS: dict[str, type[DecoderAdapter]] = {
     model_type: cls
-    for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Qwen3MoeAdapter, Qwen2MoeAdapter,
+    for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma3Adapter, Qwen3MoeAdapter, Qwen2MoeAdapter,
                 MixtralAdapter, OlmoeAdapter)
     for model_type in cls.model_types
 }
-DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
 
@@ -38,6 +38,7 @@ __all__ = [
     "ADAPTERS",
     "AttentionGeometry",
     "DecoderAdapter",
+    "Gemma3Adapter",
     "Experts",
     "LayerView",
     "LinearGroup",

@@ -151,6 +151,9 @@ class LayerView:
     q_norm: nn.Module | None = None  # Qwen3 (per head) / OLMoE (whole projection) QK-norm, after q_proj
     k_norm: nn.Module | None = None
     dense_mlp: nn.Module | None = None  # the module holding gate_proj/up_proj/down_proj (MLP or shared expert)
+    #: norms applied to each branch's output before the residual add (Gemma's sandwich norms); when set,
+    #: o / down write into these norms, not into the residual stream
+    branch_out_norms: list[nn.Module] = field(default_factory=list)
     #: role -> (parent module, attribute): where each part of the layer lives (set by the adapter)
     sites: dict[str, tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
 
@@ -210,8 +213,9 @@ class LayerView:
 
     @property
     def residual_writers(self) -> list[nn.Linear]:
-        """nn.Linears that write the residual stream (experts' down not included)."""
-        return [self.o, *self.mlp_out]
+        """nn.Linears that write the residual stream (experts' down not included); none when each branch's
+        output is normalised first (`branch_out_norms`): then those norms are the writers."""
+        return [] if self.branch_out_norms else [self.o, *self.mlp_out]
 
     @property
     def mlp_linears(self) -> dict[str, nn.Linear]:
@@ -276,6 +280,8 @@ class DecoderAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: evaluation and calibration windows start with the BOS token (a model that breaks without it)
+    window_bos: ClassVar[bool] = False
     qk_norm: ClassVar[str | None] = None  # "per_head" | "full" | None
     router_attr: ClassVar[str] = "gate"  # attribute of the MoE block holding the router
     shared_expert_attr: ClassVar[str | None] = None
@@ -366,6 +372,21 @@ class DecoderAdapter:
     @property
     def is_moe(self) -> bool:
         return any(layer.experts is not None for layer in self.layers())
+
+    @property
+    def has_branch_out_norms(self) -> bool:
+        """True when each branch's output is normalised before the residual add (Gemma-3's sandwich norms):
+        then o / down do not write the residual stream and R1 cannot be fused into them."""
+        return bool(self.layer(0).branch_out_norms)
+
+    def require_direct_residual_writers(self, method: str) -> None:
+        """Refuse, in one line, a method that fuses R1 into o / down weights on a sandwich-norm model."""
+        if self.has_branch_out_norms:
+            from harness.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(method, self.family, "it trains R1 fused into o_proj / down_proj, but this "
+                                        "architecture normalises each branch's output before the residual add, "
+                                        "where R1 does not commute (rotation-only methods such as quarot run)")
 
     # ---- layers ---------------------------------------------------------------------------
     @property
