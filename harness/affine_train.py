@@ -277,11 +277,20 @@ class AffineLayerTrainer:
 # ---- OSTQuant: the whole model ------------------------------------------------------------------------------
 
 
+def qk_row_scale(s_qk: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+    """OSTQuant's S_qk [kv_heads, hd / 2] as per-row factors of k_proj (`repeat` 1) or q_proj (`repeat` =
+    query heads per KV head): each value covers a RoPE pair (i, i + hd/2), so the scaling commutes with RoPE
+    and cancels in q·k."""
+    per_head = torch.cat([s_qk, s_qk], dim=-1)  # [kv_heads, hd]
+    return per_head.repeat_interleave(repeat, dim=0).reshape(-1)
+
+
 class OSTTrainingModel:
     """A copy of the model whose transformed weights are differentiable functions of R1, the R2s and the
     scalings. Norms folded, R3/R4 and the scheme's activation / KV quantizers installed (straight-through
     during `logits`); weights in full precision unless `weight_format` (then STE-quantized after the
-    transforms). Scalings per layer: "attn" / "mlp" (norm -> readers), "ov" [kv_heads, hd] (v -> o),
+    transforms). Scalings per layer: "attn" / "mlp" (norm -> readers), "qk" [kv_heads, hd / 2] (k rows x s,
+    q rows / s), "ov" [kv_heads, hd] (v -> o),
     "ud" (up -> down), "eud" [E, I] (per routed expert)."""
 
     def __init__(self, model, scheme, qk: torch.Tensor | None, weight_format=None):
@@ -303,11 +312,12 @@ class OSTTrainingModel:
         sites = []  # (parameter, role, layer); base values taken now: after the norm folding, before R4
         for view in adapter.layers():
             i = view.index
-            sites += [(view.q.weight, "qk", i), (view.k.weight, "qk", i), (view.v.weight, "v", i),
+            sites += [(view.q.weight, "q", i), (view.k.weight, "k", i), (view.v.weight, "v", i),
                       (view.o.weight, "o", i), (view.attn_norm.weight, "attn_norm", i),
                       (view.mlp_norm.weight, "mlp_norm", i)]
             if view.v.bias is not None:
                 sites.append((view.v.bias, "v_bias", i))
+            sites += [(lin.bias, f"{name}_bias", i) for name, lin in (("q", view.q), ("k", view.k)) if lin.bias is not None]
             sites += [(lin.bias, "out_bias", i) for lin in (view.o, *view.mlp_out) if lin.bias is not None]
             sites += [(m.weight, "router", i) for m in view.router_linears]
             if view.dense_mlp is not None:
@@ -337,16 +347,24 @@ class OSTTrainingModel:
             return w / s["mlp"] if "mlp" in s else w
         if role == "out_bias":
             return w @ r1
+        if role in ("q_bias", "k_bias"):  # follow S_qk's rows (R1 acts on the input side only)
+            if "qk" not in s:
+                return w
+            rows = qk_row_scale(s["qk"], self.kv_groups if role == "q_bias" else 1)
+            return w * rows if role == "k_bias" else w / rows
         if role == "v_bias":
             b = w.reshape(-1, self.hd) @ r2
             return (b / s["ov"] if "ov" in s else b).reshape(-1)
         if role == "up_bias":
             return w / s["ud"] if "ud" in s else w
-        if role in ("qk", "v", "gate", "up", "router", "e_gate_up", "head"):
+        if role in ("q", "k", "v", "gate", "up", "router", "e_gate_up", "head"):
             out = w @ r1
-            key = "attn" if role in ("qk", "v") else None if role == "head" else "mlp"
+            key = "attn" if role in ("q", "k", "v") else None if role == "head" else "mlp"
             if key in s:
                 out = out * s[key]
+            if role in ("q", "k") and "qk" in s:  # S_qk: k rows x s, q rows / s (RoPE pairs share s)
+                rows = qk_row_scale(s["qk"], self.kv_groups if role == "q" else 1)
+                out = out * rows.unsqueeze(-1) if role == "k" else out / rows.unsqueeze(-1)
             if role == "v":
                 out = torch.einsum("ji,hjk->hik", r2, out.reshape(-1, self.hd, out.shape[-1]))
                 out = (out / s["ov"].unsqueeze(-1) if "ov" in s else out).reshape(w.shape)

@@ -24,7 +24,8 @@ the layer with transforms and the cell's scheme in the loop (weights with LWC, a
 KV cache; straight-through gradients, except the KV cache's plain fake-quant, whose gradient is autograd's
 through the rounding: only via each group's scale), and the MSE to the FP layer output is minimised with AdamW
 (paper: 15 epochs, lr 5e-3, clip lr x10, batch 4, cosine decay to lr·1e-3, 128 x 2048 WikiText-2
-tokens). d is initialised SmoothQuant-style, d = max|W_j|^(1-α) / max|X_j|^α with α = 0.3. Factor
+tokens; as the reference code: weight decay 0.01, batches in order, each step's loss divided by its own
+detached value). d is initialised SmoothQuant-style, d = max|W_j|^(1-α) / max|X_j|^α with α = 0.3. Factor
 init: random orthogonal U, V (the paper's code) or a Hadamard (`init: hadamard`; sizes without a
 Hadamard fall back to random orthogonal) or the identity. Then weights RTN with the learned clips (the
 paper's FlatQuant-RTN, default) or GPTQ on the transformed weights.
@@ -98,6 +99,7 @@ class FlatQuantParams(MethodParams):
     epochs: NonNegativeInt = 15
     lr: PositiveFloat = 5e-3
     clip_lr_mult: NonNegativeFloat = 10.0
+    weight_decay: NonNegativeFloat = Field(0.01, le=1.0)  # torch AdamW's default, which the reference keeps
     batch_size: PositiveInt = 4
     samples: PositiveInt | None = None  # calibration windows; None: the cell's
     seqlen: PositiveInt | None = None
@@ -128,7 +130,7 @@ class FlatQuantState(State):
 class FlatQuant(Method):
     """Learned Kronecker affine transforms per layer (layer-wise MSE), then RTN (with learned clips) or GPTQ."""
 
-    version = 1
+    version = 2  # 2: weight decay 0.01, in-order batches, self-normalised loss (as the reference)
     Params = FlatQuantParams
     state_type = FlatQuantState
     conformance_params = {"epochs": 1, "samples": 2, "batch_size": 2}
@@ -164,7 +166,7 @@ class FlatQuant(Method):
                             for r, w in weight_roles(view).items()} if wfmt is not None and p.lwc else {}
             layer = AffineLayerTrainer(view, adapter.head_dim, sites, scheme.activation, act_clips, wfmt, weight_clips,
                                        kv_format=scheme.kv, qk=qk)
-            record = self.train(layer, step.hidden, step.kwargs, targets, ctx.seed * 7919 + view.index)
+            record = self.train(layer, step.hidden, step.kwargs, targets)
             steps += record["steps"]
             records.append(record)
             learned, clips, lwc = layer.export()
@@ -197,8 +199,8 @@ class FlatQuant(Method):
                                           diag_online=site not in ("down", "experts_down"))
         return sites
 
-    def train(self, layer: AffineLayerTrainer, hidden, kwargs, targets, seed: int) -> dict:
-        """Minimise the layer-wise MSE to the FP outputs: AdamW, cosine to lr·1e-3, shuffled batches."""
+    def train(self, layer: AffineLayerTrainer, hidden, kwargs, targets) -> dict:
+        """Minimise the layer-wise MSE to the FP outputs: AdamW, cosine to lr·1e-3, batches in order."""
         p = self.params
         t0 = time.perf_counter()
         x_all, y_all = torch.cat(hidden), torch.cat(targets)
@@ -213,20 +215,21 @@ class FlatQuant(Method):
         total = p.epochs * per_epoch
         losses = []
         if total > 0:
-            opt = torch.optim.AdamW(groups, weight_decay=0.0)
+            # as the reference: AdamW's default weight decay (0.01), batches in order, and each step's loss
+            # divided by its own detached value (a unit-size gradient step whatever the layer's error scale)
+            opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=p.lr * 1e-3)
-            gen = torch.Generator().manual_seed(seed)
             with torch.enable_grad():
                 for _ in range(p.epochs):
-                    perm = torch.randperm(n, generator=gen)
                     for j in range(per_epoch):
-                        pick = perm[[(j * bs + t) % n for t in range(bs)]].to(x_all.device)
+                        pick = torch.arange(j * bs, j * bs + bs, device=x_all.device) % n
                         loss = F.mse_loss(layer.forward(x_all[pick], kw), y_all[pick])
+                        losses.append(float(loss.detach()))
+                        loss = loss / loss.detach().clamp_min(torch.finfo(loss.dtype).tiny)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
                         sched.step()
-                        losses.append(float(loss.detach()))
         mse_final = layer.mse(hidden, kwargs, targets)
         return {"layer": layer.view.index, "steps": total, "mse_init": mse_init, "mse_final": mse_final,
                 "loss_first": losses[0] if losses else mse_init, "loss_last": losses[-1] if losses else mse_final,

@@ -1,20 +1,24 @@
 """OSTQuant: Refining LLM Quantization with Orthogonal and Scaling Transformations (Hu et al., ICLR 2025,
-arXiv 2501.13987).
+arXiv 2501.13987; code github.com/BrotherHappy/OSTQuant).
 
 Learnable equivalent transforms, all merged into the weights after training:
 * R1 (residual, d x d) and one R2 per layer (head_dim x head_dim on every head's values and the matching
-  o_proj input), orthogonal, init random Hadamard, trained with Cayley SGD on the Stiefel manifold
-  (harness.rotation.learn.CayleySGD; OSTQuant's code uses Riemannian Adam/SGD from geoopt — same manifold,
-  another optimiser).
-* Per-channel scalings, init 1, trained with SGD + momentum (paper-derived defaults lr 1.79e-3,
-  momentum 0.9): S_attn / S_mlp between each RMSNorm and its readers (norm scale <- 1/s in the rotated
-  basis, readers' columns x s; MoE routers too, kept in full precision), S_ov per KV head between
-  v_proj's output and o_proj's input (v rows / s, o columns x s, after R2), S_up_down between up_proj's
-  output and down_proj's input (up rows / s, down columns x s, before the online Hadamard), per expert
-  for routed experts. S_qk (q/k rows) is not implemented: with RoPE it must be tied across rotary pairs
-  and it conflicts with Qwen3's QK-norm; K is already rotated by the R3 Hadamard.
+  o_proj input), orthogonal, on the Stiefel manifold. Init as the official run (`--use_klt`): R1 = KLT x
+  random Hadamard, the KLT being the eigenvectors (largest first) of the covariance of the centred rows of
+  every residual reader (q, k, v, gate, up, norm scales folded; data-free); R2 random Hadamard.
+* Per-channel scalings, init 1: S_attn / S_mlp between each RMSNorm and its readers (norm scale <- 1/s in
+  the rotated basis, readers' columns x s; MoE routers too, kept in full precision), S_qk per KV head
+  (k_proj rows x s, q_proj rows / s; one value per RoPE pair (i, i + hd/2), so it commutes with RoPE and
+  cancels in q·k), S_ov per KV head between v_proj's output and o_proj's input (v rows / s, o columns x
+  s, after R2), S_up_down between up_proj's output and down_proj's input (up rows / s, down columns x s,
+  before the online Hadamard), per expert for routed experts.
 * Fixed: R3 (online Hadamard on Q and K after RoPE, when the KV cache is quantized) and R4 (online
   Hadamard before down_proj, the official `online_hadamard=down`).
+
+Optimiser as the official code: geoopt's Riemannian Adam, rotations as Stiefel manifold parameters
+(lr 0.0161) and the scalings as Euclidean parameters of the same Adam (lr 1.79e-3), cosine decay, 100
+steps. `optimizer: cayley_sgd` keeps SpinQuant's Cayley SGD for the rotations and SGD with momentum for
+the scalings (the ablation; set `rotate_lr` to SpinQuant's 1.5 with it).
 
 Objective: the KL-Top loss, KL between the FP model's and the transformed, fake-quantized model's
 next-token distributions restricted to the FP model's top-k tokens (k = 1000). Default as the official
@@ -23,7 +27,12 @@ renormalises both over the k tokens instead. The cell's scheme fake-quantizes ac
 loop (straight-through gradients; weights too with `weight_quant_in_loop`, the official W4A16 setting),
 so re-calibrating for MXFP4 / NVFP4 is a scheme, not a fork. Training forward = the harness's quantized
 model with every transformed weight a differentiable function of R1, R2 and the scalings
-(torch.func.functional_call), as in methods/spinquant.py. Then GPTQ (default) or RTN weights.
+(torch.func.functional_call), as in methods/spinquant.py. Then GPTQ (default, with w_clip) or RTN weights.
+
+Deviations: the official repository was not in the searchable store; the optimiser, learning rates and
+KLT construction follow the fidelity audit of issue #12 and a derived repository (liuyt929/
+quantization-evaluation). S_qk is skipped on models with QK-norm (a row scaling before the norm does not
+cancel; Qwen3) or partial RoPE, and recorded as skipped in the run's info. Likely effect: small.
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from harness.affine import scale_input_columns, scale_output_rows, scale_vector
-from harness.affine_train import OSTTrainingModel
+from harness.affine_train import OSTTrainingModel, qk_row_scale
 from harness.calib import MemoryMeter, page_in
 from harness.method import CalibContext, scheme_to_dict
 from harness.registry import register_method
@@ -65,14 +74,27 @@ def kl_top(student: torch.Tensor, teacher: torch.Tensor, k: int, renormalize: bo
 # ---- scalings: what they are and how they are merged ---------------------------------------------------
 
 
+def qk_scaling_applies(adapter) -> str | None:
+    """None when S_qk can be merged exactly on this model, else why not."""
+    g = adapter.attention
+    if g.qk_norm is not None:
+        return f"QK-norm ({g.qk_norm}) sits between q/k_proj and the dot product"
+    if g.rotary_dim != g.head_dim or g.head_dim % 2:
+        return f"partial RoPE (rotary_dim {g.rotary_dim} of head_dim {g.head_dim})"
+    return None
+
+
 def initial_scales(adapter, params) -> list[dict[str, torch.Tensor]]:
-    """Per layer {name: ones}: attn [d], mlp [d], ov [kv_heads, hd], ud [dense intermediate], eud [E, I]."""
+    """Per layer {name: ones}: attn [d], mlp [d], qk [kv_heads, hd / 2], ov [kv_heads, hd], ud [dense
+    intermediate], eud [E, I]."""
     out = []
     for view in adapter.layers():
         s = {}
         if params.smooth_norm_linear:
             s["attn"] = torch.ones(adapter.hidden_size)
             s["mlp"] = torch.ones(adapter.hidden_size)
+        if params.smooth_qk and qk_scaling_applies(adapter) is None:
+            s["qk"] = torch.ones(adapter.attention.num_kv_heads, adapter.head_dim // 2)
         if params.smooth_ov:
             s["ov"] = torch.ones(adapter.attention.num_kv_heads, adapter.head_dim)
         if params.smooth_up_down:
@@ -111,10 +133,61 @@ def install_ost(model, adapter, rot: Rotations, scales: list[dict[str, torch.Ten
                 scale_input_columns(w, s["mlp"])
             if view.experts is not None:
                 scale_input_columns(view.experts.gate_up, s["mlp"])
+        if "qk" in s:
+            k_rows = qk_row_scale(s["qk"].double())
+            q_rows = qk_row_scale(s["qk"].double(), geometry.kv_groups)
+            scale_output_rows(view.k.weight, k_rows, view.k.bias)
+            scale_output_rows(view.q.weight, 1.0 / q_rows, view.q.bias)
         if "ov" in s:
             ov = s["ov"].double()
             scale_output_rows(view.v.weight, 1.0 / ov.reshape(-1), view.v.bias)
             scale_input_columns(view.o.weight, ov.repeat_interleave(geometry.kv_groups, dim=0).reshape(-1))
+
+
+def reader_klt(adapter) -> torch.Tensor:
+    """[d, d] eigenvectors (largest eigenvalue first) of the covariance of the centred rows of every
+    residual reader (q, k, v, gate, up; each norm's scale folded in), fp64: the official `klt_R_res`."""
+    d = adapter.hidden_size
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for view in adapter.layers():
+        for norm, readers in ((view.attn_norm, (view.q, view.k, view.v)), (view.mlp_norm, view.mlp_in)):
+            gamma = norm.weight.detach().double()
+            for lin in readers:
+                rows = lin.weight.detach().double() * gamma
+                rows = rows - rows.mean(dim=0, keepdim=True)
+                cov += rows.T @ rows
+    _, vectors = torch.linalg.eigh(cov)
+    return vectors.flip(-1)
+
+
+def rotation_optimizers(rotations, scale_params, p) -> list[tuple[torch.optim.Optimizer, dict[int, float]]]:
+    """(optimizer, {param group index: base lr}) pairs for the chosen `optimizer`."""
+    if p.optimizer == "radam":
+        from geoopt.optim import RiemannianAdam
+
+        groups, bases = [], {}
+        if rotations:
+            groups.append({"params": rotations, "lr": p.rotate_lr})
+            bases[len(groups) - 1] = p.rotate_lr
+        if scale_params:
+            groups.append({"params": scale_params, "lr": p.scale_lr})
+            bases[len(groups) - 1] = p.scale_lr
+        return [(RiemannianAdam(groups), bases)] if groups else []
+    out = []
+    if rotations:
+        out.append((CayleySGD(rotations, lr=p.rotate_lr), {0: p.rotate_lr}))
+    if scale_params:
+        out.append((torch.optim.SGD(scale_params, lr=p.scale_lr, momentum=p.scale_momentum), {0: p.scale_lr}))
+    return out
+
+
+def rotation_parameter(value: torch.Tensor, trainable: bool, optimizer: str) -> torch.nn.Parameter:
+    """A trainable orthogonal matrix: a Stiefel ManifoldParameter for Riemannian Adam, a plain one for Cayley SGD."""
+    if optimizer == "radam" and trainable:
+        from geoopt import ManifoldParameter, Stiefel
+
+        return ManifoldParameter(value, manifold=Stiefel(), requires_grad=True)
+    return torch.nn.Parameter(value, requires_grad=trainable)
 
 
 # ---- the method ---------------------------------------------------------------------------------------------
@@ -125,20 +198,22 @@ class OSTQuantParams(RotationParams):  # weight_solver (default gptq), gptq_damp
     batch_size: PositiveInt = 32  # official: 4 per GPU x 8 GPUs
     samples: PositiveInt | None = None  # training windows; None: the cell's calibration windows
     seqlen: PositiveInt | None = None
-    rotate_lr: PositiveFloat = 1.5  # Cayley SGD (SpinQuant's value; see the module docstring)
+    optimizer: Literal["radam", "cayley_sgd"] = "radam"  # official: geoopt Riemannian Adam (see the docstring)
+    rotate_lr: PositiveFloat = 0.0161
     scale_lr: PositiveFloat = 1.79e-3
-    scale_momentum: float = Field(0.9, ge=0, lt=1)
+    scale_momentum: float = Field(0.9, ge=0, lt=1)  # cayley_sgd only (SGD on the scalings)
     top_k: PositiveInt = 1000
     kl_renormalize: bool = False
     train_r1: bool = True
     train_r2: bool = True
     train_scales: bool = True
     smooth_norm_linear: bool = True
+    smooth_qk: bool = True
     smooth_ov: bool = True
     smooth_up_down: bool = True
     rotate_kv: bool = True  # R3 on Q/K
     weight_quant_in_loop: bool = False
-    init: Literal["hadamard", "random"] = "hadamard"
+    init: Literal["klt", "hadamard", "random"] = "klt"  # R1's init (R2: Hadamard, or random with "random")
 
 
 @dataclass(kw_only=True)
@@ -153,7 +228,7 @@ class OSTState(RotationState):
 class OSTQuant(RotationMethod):
     """Learned R1/R2 + per-channel scalings (KL-Top loss), Hadamard R3/R4, then GPTQ or RTN."""
 
-    version = 1
+    version = 2  # 2: Riemannian Adam (official), KLT init, S_qk
     Params = OSTQuantParams
     state_type = OSTState
     conformance_params = {"weight_solver": "rtn", "steps": 2, "batch_size": 2, "samples": 2, "top_k": 16}
@@ -164,8 +239,10 @@ class OSTQuant(RotationMethod):
     def initial(self, ctx: CalibContext):
         """(R1, [R2 per layer], scalings) at init."""
         adapter, seed = ctx.adapter, ctx.seed
-        make = random_hadamard if self.params.init == "hadamard" else random_orthogonal
+        make = random_orthogonal if self.params.init == "random" else random_hadamard
         r1 = make(adapter.hidden_size, seed)
+        if self.params.init == "klt":
+            r1 = reader_klt(adapter) @ r1
         r2s = [make(adapter.head_dim, layer_seed(seed, i)) for i in range(adapter.num_layers)]
         return r1, r2s, initial_scales(adapter, self.params)
 
@@ -188,17 +265,13 @@ class OSTQuant(RotationMethod):
         page_in(ctx.model)
         with MemoryMeter(device) as mem, torch.enable_grad():
             trainer = self.training_model(ctx)  # its quantizers are straight-through in its forward
-            r1 = torch.nn.Parameter(r1_init.to(device), requires_grad=p.train_r1)
-            r2s = [torch.nn.Parameter(r.to(device), requires_grad=p.train_r2) for r in r2_init]
+            r1 = rotation_parameter(r1_init.to(device), p.train_r1, p.optimizer)
+            r2s = [rotation_parameter(r.to(device), p.train_r2, p.optimizer) for r in r2_init]
             scales = [{k: torch.nn.Parameter(v.to(device), requires_grad=p.train_scales) for k, v in s.items()}
                       for s in s_init]
             rotations = ([r1] if p.train_r1 else []) + (r2s if p.train_r2 else [])
             scale_params = [v for s in scales for v in s.values()] if p.train_scales else []
-            opts = []
-            if rotations:
-                opts.append((CayleySGD(rotations, lr=p.rotate_lr), p.rotate_lr))
-            if scale_params:
-                opts.append((torch.optim.SGD(scale_params, lr=p.scale_lr, momentum=p.scale_momentum), p.scale_lr))
+            opts = rotation_optimizers(rotations, scale_params, p)
             bs = p.batch_size
             steps = ctx.progress(range(p.steps), desc="OSTQuant steps") if ctx.progress else range(p.steps)
             for step in steps:
@@ -207,9 +280,9 @@ class OSTQuant(RotationMethod):
                 with torch.no_grad():
                     teacher = ctx.model(ids, use_cache=False).logits
                 loss = kl_top(trainer.logits(r1, r2s, scales, ids), teacher, p.top_k, p.kl_renormalize)
-                for opt, base in opts:
-                    for group in opt.param_groups:
-                        group["lr"] = cosine_lr(base, step, p.steps)
+                for opt, bases in opts:
+                    for index, base in bases.items():
+                        opt.param_groups[index]["lr"] = cosine_lr(base, step, p.steps)
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for opt, _ in opts:
@@ -226,7 +299,9 @@ class OSTQuant(RotationMethod):
         metrics = {"loss_first": mean(losses[:quarter]), "loss_last": mean(losses[-quarter:]),
                    "transform_seconds": round(seconds, 3), "transform_peak_mb": round(mem.extra_bytes / 2**20, 1),
                    "steps": float(p.steps), "scale_max_change": max(spread) if spread else 0.0}
-        info = {"seed": ctx.seed, "init": p.init, "steps": p.steps, "losses": losses, "peak_bytes": mem.extra_bytes,
+        info = {"seed": ctx.seed, "init": p.init, "optimizer": p.optimizer, "steps": p.steps, "losses": losses,
+                "s_qk": "trained" if any("qk" in s for s in s_final) else f"skipped: {qk_scaling_applies(ctx.adapter)}"
+                if p.smooth_qk else "off", "peak_bytes": mem.extra_bytes,
                 "peak_kind": mem.kind, "windows": list(windows.shape),
                 "orthogonality_error": max(orthogonality_error(r) for r in [r1_final, *r2_final]), "metrics": metrics}
         rot = Rotations(residual=r1_final, qk=self._qk(ctx), down_kind="hadamard", heads=r2_final)

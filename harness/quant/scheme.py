@@ -99,6 +99,7 @@ _PRESETS: dict[str, tuple[str | None, str | None, str | None]] = {
     "w4a8": ("int4", "int8", None),
     "w4a4": ("int4", "int4", None),
     "w4a4kv4": ("int4", "int4", "int4_asym"),
+    "w4a4kv4_asym": ("int4", "int4_asym", "int4_asym"),  # QuaRot / SpinQuant scripts: --a_asym --k_asym --v_asym
     "w6a6": ("int6", "int6", None),
     "mxfp4": ("mxfp4", "mxfp4", None),
     "mxfp4_wa": ("mxfp4", "mxfp4", None),

@@ -6,8 +6,9 @@ Two ways to keep a trained matrix orthogonal, used by the learned-rotation metho
   orthogonal matrix X. Each step builds the skew-symmetric generator W = ½(V Xᵀ − X Vᵀ) from the descent
   direction V (−gradient, plus momentum) and moves along the Cayley curve
   X ← (I − α/2 W)⁻¹ (I + α/2 W) X, which is orthogonal for any α (computed exactly, in float64, by a
-  linear solve rather than the paper's fixed-point iterations). Step size α = min(lr, 1 / ‖W‖₁), as in
-  SpinQuant's SGDG, so a large lr (the paper uses 1.5) cannot overshoot.
+  linear solve rather than the paper's fixed-point iterations). Step size α = min(lr, 1 / ‖XᵀWX‖₁), as in
+  SpinQuant's SGDG (which updates Xᵀ, whose generator is −XᵀWX), so a large lr (the paper uses 1.5)
+  cannot overshoot.
 * `qr_orth` (DartQuant): an unconstrained latent Z is trained by any Euclidean optimiser and the
   rotation is R = Q of Z = QR, with signs fixed so that diag(R) > 0 (the unique QR; for an orthogonal
   Z it returns Z itself, so initialising Z with a Hadamard starts exactly at that Hadamard).
@@ -69,8 +70,10 @@ class CayleySGD(torch.optim.Optimizer):
                     direction = direction + group["momentum"] * state["momentum"]
                 xt = x.transpose(-2, -1)
                 w = 0.5 * (direction @ xt - x @ direction.transpose(-2, -1))  # skew-symmetric generator
-                # step cap of SpinQuant's SGDG: alpha * ||W||_1 <= max_step (max column abs sum)
-                norm1 = w.abs().sum(dim=-2).amax()
+                # step cap of SpinQuant's SGDG: alpha * ||W'||_1 <= max_step (max column abs sum), where
+                # W' = -Xᵀ W X is the generator in SGDG's frame (it updates Xᵀ); the 1-norm is not invariant
+                # under that similarity, so the cap is taken on the quantity SGDG itself bounds
+                norm1 = (xt @ w @ x).abs().sum(dim=-2).amax()
                 alpha = min(group["lr"], group["max_step"] / (float(norm1) + 1e-8))
                 eye = torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
                 half = 0.5 * alpha * w

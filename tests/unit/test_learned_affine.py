@@ -32,7 +32,7 @@ from harness.transforms import kronecker, random_orthogonal
 
 FAMILIES = ["llama", "qwen2", "qwen3_moe"]
 FLAT = {"epochs": 4, "batch_size": 4, "init": "hadamard"}
-OST = {"weight_solver": "rtn", "steps": 6, "batch_size": 4, "scale_lr": 0.05}
+OST = {"weight_solver": "rtn", "steps": 6, "batch_size": 4}
 
 
 def context(family="llama", scheme="w4a4kv4", seed=0, dtype=torch.float32, n=8):
@@ -396,7 +396,7 @@ def test_kl_top_loss():
 
 @pytest.mark.parametrize("scheme", ["w4a4kv4", "nvfp4"])
 def test_ostquant_beats_its_hadamard_init_on_its_loss(scheme):
-    params = {**OST, "steps": 12, "batch_size": 8}  # one fixed batch: a plain descent
+    params = {**OST, "steps": 48, "batch_size": 8}  # one fixed batch, the official learning rates
     ctx = context(scheme=scheme)
     method = get_method("ostquant")(params)
     with torch.no_grad():
@@ -418,3 +418,27 @@ def test_ostquant_gptq_runs_on_moe():
     with torch.no_grad():
         logits = out(ids).logits
     assert torch.isfinite(logits).all() and not torch.allclose(logits, ref)
+
+
+def test_ostquant_klt_init_and_scalings_move():
+    """R1 starts at KLT x Hadamard (orthogonal, first column the readers' top principal direction, up to the
+    Hadamard's mixing); training moves every scaling family from 1, S_qk included."""
+    from methods.ostquant import reader_klt
+
+    ctx = context("llama")
+    klt = reader_klt(ctx.adapter)
+    assert orthogonality_error(klt) < 1e-10
+    method = get_method("ostquant")({**OST, "steps": 4})
+    r1, _, scales = method.initial(ctx)
+    assert orthogonality_error(r1) < 1e-10 and not torch.allclose(r1, klt)
+    assert {"attn", "mlp", "qk", "ov", "ud"} <= set(scales[0])
+    with torch.no_grad():
+        state = method.calibrate(ctx)
+    assert state.meta["info"]["optimizer"] == "radam" and state.meta["info"]["s_qk"] == "trained"
+    for layer in state.scales:
+        for name, s in layer.items():
+            assert float((s - 1).abs().max()) > 1e-4, name
+    # a QK-normed model keeps S_qk off and says why
+    qwen3 = context("qwen3")
+    _, _, q3 = method.initial(qwen3)
+    assert "qk" not in q3[0]

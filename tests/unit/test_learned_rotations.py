@@ -313,3 +313,24 @@ def test_learned_rotations_with_gptq_and_quantizers_on_run():
     assert torch.isfinite(out).all() and not torch.allclose(out, ref)
     spin = get_method("spinquant")(SPIN)
     assert spin.calib_scheme_key(get_scheme("w4a4kv4")) != spin.calib_scheme_key(get_scheme("w4a4"))
+
+
+def test_cayley_sgd_takes_spinquants_sgdg_step():
+    """One step equals SpinQuant's SGDG (train_utils/optimizer.py), re-derived here: SGDG updates Xᵀ, builds
+    its skew generator in that frame and caps α by 1 / ‖generator‖₁; its Cayley fixed point, solved exactly,
+    gives our matrix, also when the cap binds (a large lr). (SGDG adds 1e-8 to the norm: 1e-9 apart.)"""
+    g = torch.Generator().manual_seed(0)
+    x0 = random_orthogonal(6, seed=3)
+    grad = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    x = torch.nn.Parameter(x0.clone())
+    x.grad = grad.clone()
+    CayleySGD([x], lr=10.0).step()
+    # SGDG in its own frame (the point is pᵀ, the descent direction -gradᵀ)
+    big_x, v = x0.T, -grad.T
+    mx = v @ x0  # V @ unity (unity = p)
+    w_hat = mx - 0.5 * x0.T @ (x0 @ mx)
+    w = w_hat - w_hat.T
+    alpha = min(1.0 / float(w.abs().sum(dim=0).max()), 10.0)
+    eye = torch.eye(6, dtype=torch.float64)
+    y = torch.linalg.solve(eye - 0.5 * alpha * w, (eye + 0.5 * alpha * w) @ big_x)  # the loop's fixed point
+    torch.testing.assert_close(x.detach(), y.T, rtol=1e-7, atol=1e-8)
