@@ -150,9 +150,11 @@ def check_available(needs: set[tuple[str, str]]) -> None:
 
         if hub_offline():
             names = ", ".join(f"{n} ({s})" for n, s in sorted(needs))
+            why = (f"{ENV_VAR} is set but empty, which means the hub" if os.environ.get(ENV_VAR) is not None
+                   else f"{ENV_VAR} is unset and there is none next to the checkout")
             raise DatasetMissingError(
-                f"no data mirror ({ENV_VAR} is unset and there is none next to the checkout) and the Hugging Face "
-                f"hub is unreachable here, so {names} cannot be read; point {ENV_VAR} at a mirror (see README)")
+                f"no data mirror ({why}) and the Hugging Face hub is unreachable here, so {names} cannot be read; "
+                f"point {ENV_VAR} at a mirror (see README)")
         return
     missing = []
     for name, split in sorted(needs):

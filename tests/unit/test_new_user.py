@@ -40,6 +40,7 @@ def test_no_mirror_and_no_hub_is_one_line_before_any_work(tmp_path, monkeypatch,
     code, err = run(tmp_path, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "hub is unreachable" in lines[0] and "PTQBENCH_DATA_DIR" in lines[0], err
+    assert "set but empty" in lines[0] and "unset" not in lines[0], err  # says what the user did
     assert list(Store(tmp_path / "res").records()) == []
 
 
