@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import PtqbenchError
-from harness.report.intervals import Interval, Resampler, normal_draws, parse_window_nll, ppl_draws
+from harness.report.intervals import Interval, Resampler, normal_draws, runs_ppl_draws
 from harness.store import DIVERGED_MARK
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_RUN = "reproduced", "contradicted", "inconclusive", "not run"
@@ -164,15 +164,9 @@ class ResultLookup:
     def _add_draws(self, estimate: Estimate, rows, metric: str, label: str) -> None:
         """Bootstrap replicates: over windows (paired by window cut) for perplexity, else normal."""
         resampler = self.resampler
-        nll = [parse_window_nll(v) for v in rows["info.window_nll"]] if "info.window_nll" in rows else []
-        if metric == "ppl" and nll and all(w is not None for w in nll) and len({len(w) for w in nll}) == 1:
-            first = rows.iloc[0]
-            windows = int(len(nll[0]))
-            tokens = int(first["protocol.tokens_predicted"]) // windows
-            key = tuple(str(first.get(c)) for c in ("model", "task", "protocol.seqlen", "protocol.bos_per_window"))
-            indices = resampler.window_indices(key, windows)
-            estimate.draws = ppl_draws(nll, tokens, indices, resampler.rng(label))
-            estimate.paired_on = (*key, windows)
+        found = runs_ppl_draws(rows, resampler, label) if metric == "ppl" else None
+        if found is not None:
+            estimate.draws, estimate.paired_on = found
             return
         stderr_col = f"{metric}_stderr"
         stderr = 0.0
@@ -244,7 +238,7 @@ def _compare(left: Estimate, right: Estimate, op: type, tolerance: float) -> tup
     if left.mean > 0 and right.mean > 0 and np.all(rhs > 0):
         ratio = Interval.of(_broadcast(lhs / rhs))
         record.update(ratio=left.mean / right.mean, ratio_ci95=[ratio.low, ratio.high])
-        text += f": ratio {left.mean / right.mean:.3f} ({ratio.low:.3f}-{ratio.high:.3f}{'' if paired else ', unpaired'})"
+        text += f": ratio {left.mean / right.mean:.4g} ({ratio.low:.4g}-{ratio.high:.4g}{'' if paired else ', unpaired'})"
     if margin.low == margin.high:
         text += " (point values: no per-window data or spread recorded)"
     if margin.low > band:

@@ -107,3 +107,23 @@ def parse_window_nll(value: object) -> np.ndarray | None:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
         return np.asarray(value, dtype=np.float64)
     return None
+
+
+#: What identifies the windows a perplexity was measured on (the pairing key)
+WINDOW_KEY = ("model", "task", "protocol.seqlen", "protocol.bos_per_window")
+
+
+def runs_ppl_draws(rows, resampler: Resampler, label: str) -> tuple[np.ndarray, tuple] | None:
+    """(replicates of the mean-over-seeds perplexity of `rows`, the windows they resample) for one value's
+    runs in the tidy table, or None when a run lacks per-window data or the runs used different windows."""
+    if "info.window_nll" not in rows or "protocol.tokens_predicted" not in rows:
+        return None
+    nll = [parse_window_nll(v) for v in rows["info.window_nll"]]
+    if not nll or any(w is None for w in nll) or len({len(w) for w in nll}) != 1:
+        return None
+    first = rows.iloc[0]
+    windows = len(nll[0])
+    key = tuple(str(first.get(c)) for c in WINDOW_KEY)
+    draws = ppl_draws(nll, int(first["protocol.tokens_predicted"]) // windows,
+                      resampler.window_indices(key, windows), resampler.rng(label))
+    return draws, (*key, windows)

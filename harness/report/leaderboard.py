@@ -1,7 +1,10 @@
 """Leaderboards: methods x schemes pivots of one metric, with the FP baseline and deltas.
 
-Cells are means over seeds with their spread ("12.34 ± 0.05" when more than one seed ran), the best
-entry of every column is marked, and failed runs show as "failed" rather than disappearing.
+Cells are means over seeds; perplexity cells carry their 95% bootstrap interval over evaluation windows
+and seeds ("12.34 [11.90, 12.81]"), other metrics their seed spread ("0.123 ± 0.004" when more than one
+seed ran). The best entry of every column is marked, and failed runs show as "failed" rather than
+disappearing. A cell's interval is wide because windows differ in difficulty; two cells measured on the
+same windows are compared with the claims' paired intervals (harness.report.claims), much narrower.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class Leaderboard:
     baseline: float | None = None
     protocol: str = ""
     diverged: dict | None = None  # (row, column) -> the measured value of a failed-as-diverged run
+    intervals: dict | None = None  # (row, column) -> Interval (95%, windows and seeds) of a perplexity cell
 
     @property
     def lower_is_better(self) -> bool:
@@ -80,7 +84,10 @@ class Leaderboard:
                     out.loc[r, c] = esc(text)
                     continue
                 text = f"{m:.{digits}f}"
-                if self.n.loc[r, c] > 1 and not pd.isna(self.std.loc[r, c]):
+                interval = (self.intervals or {}).get((r, c))
+                if interval is not None:
+                    text += f" [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+                elif self.n.loc[r, c] > 1 and not pd.isna(self.std.loc[r, c]):
                     text += f" ± {self.std.loc[r, c]:.{digits}f}"
                 if self.baseline is not None and not math.isclose(m, self.baseline):
                     text += f" ({m - self.baseline:+.{digits}f})"
@@ -92,6 +99,8 @@ class Leaderboard:
         head = f"### {self.title}\n\n"
         if self.baseline is not None:
             head += f"FP baseline: {self.baseline:.3f}; deltas in parentheses; best per column in bold.\n\n"
+        if self.intervals:
+            head += "Brackets: 95% bootstrap interval over the evaluation windows (and seeds).\n\n"
         body = self.cells().to_markdown(tablefmt="github")
         return head + body + (f"\n\n_{self.protocol}_\n" if self.protocol else "\n")
 
@@ -214,7 +223,21 @@ def build_leaderboard(df: pd.DataFrame, metric: str, task: str | None = None, mo
         base = mean.loc[baseline[0], baseline[1]]
         base = None if pd.isna(base) else float(base)
     title = f"{metric} — {model or 'all models'} — {task or 'all tasks'}" + (f" — {protocol}" if protocol else "")
-    return Leaderboard(title, metric, mean, std, n.fillna(0).astype(int), failed, base, protocol_line(rows), diverged)
+    intervals = ppl_intervals(done, mcol, columns) if metric == "ppl" else None
+    return Leaderboard(title, metric, mean, std, n.fillna(0).astype(int), failed, base, protocol_line(rows), diverged,
+                       intervals)
+
+
+def ppl_intervals(done: pd.DataFrame, mcol: str, columns: str) -> dict:
+    """(method, column) -> 95% interval of the cell's perplexity, from its runs' per-window NLLs."""
+    from harness.report.intervals import Interval, Resampler, runs_ppl_draws
+
+    resampler, out = Resampler(), {}
+    for (r, c), cell in done.groupby([mcol, columns]):
+        found = runs_ppl_draws(cell, resampler, f"{r}|{c}")
+        if found is not None:
+            out[(r, c)] = Interval.of(found[0])
+    return out
 
 
 def protocol_line(df: pd.DataFrame) -> str:

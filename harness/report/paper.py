@@ -41,20 +41,32 @@ def check_claims(spec: dict[str, Any], df: pd.DataFrame) -> list[ClaimResult]:
 
 
 def _fmt_values(result: ClaimResult) -> str:
+    """Our numbers of a claim on one model: each term with its 95% interval, then the compared ratio."""
+    if result.verdict == "not run":
+        return result.detail
     parts = []
     for term, est in result.values.items():
-        spread = f" ± {est.std:.3g}" if est.n > 1 else ""
-        parts.append(f"{term} = {est.mean:.4g}{spread}" + (f" (n={est.n})" if est.n > 1 else "")
-                     + (" (diverged)" if est.diverged else ""))
+        ci = est.interval
+        text = f"{term} = {est.mean:.4g}"
+        if ci is not None and ci.low != ci.high:
+            text += f" [{ci.low:.4g}, {ci.high:.4g}]"
+        elif est.n > 1:
+            text += f" ± {est.std:.3g}"
+        parts.append(text + (f" (n={est.n})" if est.n > 1 else "") + (" (diverged)" if est.diverged else ""))
+    for c in result.comparisons:
+        if "ratio_ci95" in c:
+            low, high = c["ratio_ci95"]
+            parts.append(f"ratio {c['ratio']:.4g} ({low:.4g}-{high:.4g}{'' if c['paired'] else ', unpaired'})")
+        elif c.get("op") == "approx":
+            low, high = c["gap_ci95"]
+            parts.append(f"gap {c['gap']:+.2%} ({low:+.2%} to {high:+.2%}, allowed ±{c['rel']:.0%})")
     return "; ".join(parts) or result.detail
 
 
 def _fmt_paper(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt_paper(v)}" for k, v in value.items())
-    return str(value)
+    from harness.report.page import text_of
+
+    return text_of(value)
 
 
 def paper_column(result: ClaimResult) -> str:
@@ -68,10 +80,11 @@ def paper_column(result: ClaimResult) -> str:
     return text
 
 
-def claims_table(results: list[ClaimResult]) -> pd.DataFrame:
+def claims_table(results: list[ClaimResult], spec: dict[str, Any] | None = None) -> pd.DataFrame:
+    origins = {c.get("id", ""): c.get("origin", "") for c in (spec or {}).get("claims") or []}
     return pd.DataFrame([
-        {"claim": r.id, "model": r.model or "–", "says": r.says, "check": f"`{r.check}`", "paper": paper_column(r),
-         "ours": _fmt_values(r),
+        {"claim": r.id, "origin": origins.get(r.id) or "–", "model": r.model or "–", "says": r.says,
+         "check": f"`{r.check}`", "paper": paper_column(r), "ours (95% intervals)": _fmt_values(r),
          "verdict": VERDICT_MARK.get(r.verdict, r.verdict)}
         for r in results
     ])
@@ -94,10 +107,14 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] != "done"][cols].drop_duplicates()
 
 
-LEGEND = ("Verdicts compare means over seeds; a difference inside the seed spread (plus the claim's tolerance) is "
-          "*inconclusive*; a claim whose runs are missing or failed is *not run* (a diverged run, whose perplexity "
-          "was recorded, counts with its value, marked \"(diverged)\"). Smoke-scale verdicts come from a small model and "
-          "short evaluations: they test the pipeline and the direction of an effect, not the paper's numbers.")
+LEGEND = ("Verdicts at 95%: *reproduced* when the claim holds over the whole bootstrap interval of the compared "
+          "quantity, *contradicted* when its opposite does, *inconclusive* when the interval straddles the boundary; "
+          "*not run* when a run is missing or failed (a diverged run, whose perplexity was recorded, counts with its "
+          "value, marked \"(diverged)\"). Perplexities are resampled over their evaluation windows (2000 resamples, "
+          "the same for every run on the same windows, so comparisons are paired) and over seed runs; brackets are "
+          "95% intervals. Claims are marked by origin: the paper's claim, a baseline check, or our hypothesis. "
+          "Smoke-scale verdicts come from small models and short evaluations: they test the pipeline and the "
+          "direction of an effect, not the paper's numbers.")
 SEED_NOTE = "Seed `–` (null in the records): the method draws no random numbers, so it runs once whatever the seeds."
 
 
@@ -142,7 +159,7 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
           f"Scale `{scale}`, generated {stamp}. Versions: {_versions(df) or 'n/a'}.", ""]
     if spec.get("notes"):
         md += [str(spec["notes"]).strip(), ""]
-    md += ["## Claims", "", claims_table(results).to_markdown(index=False, tablefmt="github") if results else "(no claims)", ""]
+    md += ["## Claims", "", claims_table(results, spec).to_markdown(index=False, tablefmt="github") if results else "(no claims)", ""]
     md += [LEGEND, ""]
     calib = calibration_line(df)
     md += ([calib, ""] if calib else []) + [SEED_NOTE, ""]
@@ -157,20 +174,12 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n")
 
-    body = [f"<h1>Reproduction report — {html.escape(title)}</h1>",
-            f"<p>Scale <code>{html.escape(str(scale))}</code>, generated {stamp}. Versions: {html.escape(_versions(df) or 'n/a')}.</p>",
-            inline_html(spec["notes"]) if spec.get("notes") else "",
-            "<h2>Claims</h2>", claims_table(results).to_html(index=False, border=0) if results else "<p>(no claims)</p>",
-            inline_html(LEGEND), inline_html(calib) if calib else "", inline_html(SEED_NOTE)]
-    if reported is not None:
-        body += ["<h2>Numbers reported in the paper</h2>", reported.to_html(index=False, border=0)]
-    body += ["<h2>Our results</h2>"] + [b.to_html() for b in boards]
-    body += [f"<img src='{html.escape(p.name, quote=True)}' alt='{html.escape(p.stem, quote=True)}' style='max-width:48%'>"
-             for p in plots or []]
-    if not failed.empty:
-        body += ["<h2>Failed runs</h2>", failed.to_html(index=False, border=0)]
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                                     f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    from harness.report.page import render_page
+
+    page = render_page(title=title, scale=str(scale), stamp=stamp, versions=_versions(df), spec=spec, results=results,
+                       boards=boards, reported=reported, failed=failed, plots=list(plots or []), df=df,
+                       legend=LEGEND.replace("*", ""), calibration=calib, seed_note=SEED_NOTE.replace("`", ""),
+                       notes_html=inline_html(spec["notes"]) if spec.get("notes") else "")
+    (out / "report.html").write_text(page)
     (out / "claims.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
     return md_path

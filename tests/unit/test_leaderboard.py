@@ -48,3 +48,22 @@ def test_protocol_line_stays_one_line():
     df = pd.DataFrame({"protocol.text.join": ["\n\n", "\n\n"], "protocol.seqlen": [256, 256]})
     line = protocol_line(df)
     assert "\n" not in line and "text.join=\\n\\n" in line and "seqlen=256" in line
+
+
+def test_perplexity_cells_carry_their_window_bootstrap_interval():
+    import json
+
+    import numpy as np
+
+    df = frame()
+    rng = np.random.default_rng(0)
+    nll = {i: rng.uniform(2, 4, 8) * 511 for i in range(len(df))}
+    df["info.window_nll"] = [json.dumps(nll[i].tolist()) for i in range(len(df))]
+    df["protocol.tokens_predicted"] = 8 * 511
+    df["value"] = [float(np.exp(nll[i].sum() / (8 * 511))) for i in range(len(df))]
+    board = build_leaderboard(df, "ppl", task="wikitext2", model="m")
+    interval = board.intervals[("rtn", "mxfp4")]
+    assert interval.low < board.mean.loc["rtn", "mxfp4"] < interval.high
+    cell = board.cells().loc["rtn", "mxfp4"]
+    assert f"[{interval.low:.3f}, {interval.high:.3f}]" in cell and "±" not in cell
+    assert "Brackets: 95% bootstrap interval" in board.to_markdown()
