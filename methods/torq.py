@@ -1,28 +1,47 @@
 """TORQ: Two-Level Orthogonal Rotation for MXFP4 Quantization (Xu, Hu, Yang, 2026) — reconstruction.
 
-No code is public; this follows the paper's text (research/papers.md A1) and records each choice:
-- Statistics: second moments of the activations the quantizers see, from calibration data: the
-  RMS-normalised residual stream (norm scales are folded into the weights), pooled over every
-  attention and MLP input of every layer; and, per layer, the input of down_proj.
-- Stage 1, inter-block variance equalisation (Schur–Horn): an orthogonal Q_inter made of a balancing
-  channel permutation and block-pair Givens rotations that makes every 32-block's energy equal
-  (harness.rotation.blockstats.equalize_blocks).
-- Stage 2, intra-block max-entropy rotation: one R in O(32) shared by all blocks, the candidate
-  (identity, Hadamard, sign-randomised Hadamards, in-block KLT·Hadamard) that maximises the entropy of
-  the E2M1 code histogram of the MXFP4-quantized calibration activations after stage 1.
-- Where: T = Q_inter (I ⊗ R) fused into the residual stream (offline); per layer, the same two-level
-  construction online before down_proj (dense, inverse fused into down_proj); V/O per head: I ⊗ R.
+No code is public; this follows the paper's argument (research/papers.md A1) and records each choice.
+MXFP4 shares one power-of-two scale per 32-element block, so a block holding a high-variance element
+coarsens its other elements (inter-block imbalance), and heavy-tailed blocks use few E2M1 codes
+(intra-block imbalance). A two-level orthogonal transform T = Q_inter (I ⊗ R) addresses both:
+
+- Statistics, per site (the RMS-normalised residual stream read by q/k/v and gate/up of every layer, and
+  each layer's down_proj input), from the calibration windows: the second moment *without massive tokens*
+  (rows whose max |x| exceeds `massive_ratio` x the batch median: the attention sink), the per-channel
+  max |x| over all tokens, and a seeded uniform sample of rows per reader group.
+- Stage 1, inter-block (`inter`):
+  * "isolate" (default, re-derived in issue #12): a channel permutation. Massive channels (max |x| above
+    `massive_ratio` x the median channel's) each get a block of their own, filled with the quietest
+    channels; the other channels are dealt, largest energy first, to the least-loaded remaining block,
+    energies measured without massive tokens. Nothing is spread across blocks. (The first construction,
+    below, equalised block energies with Givens rotations; measured on SmolLM2 it hurt: the channels it
+    equalised are massive-activation channels, and each Givens pair smeared one into a second block.)
+  * "givens": Schur–Horn block-energy equalisation (balancing permutation + block-pair Givens rotations,
+    harness.rotation.blockstats.equalize_blocks) — the first reconstruction, kept as an ablation.
+  * "klt_hadamard": the same authors' MambaQuant rotation, eigenvectors of Σ times a Hadamard (equal
+    per-channel variance; global mixing) — an ablation.
+  * "none".
+- Stage 2, intra-block (`intra`): one R in O(32) shared by every block of a site, chosen per site among
+  closed-form candidates (identity, Hadamard, sign-randomised Hadamards, in-block KLT·Hadamard) by the
+  MXFP4 output error it leaves on that site's readers, Σ ||(Q(xT) − xT)(WT)ᵀ||² / ||xWᵀ||²
+  (`select: output_error`, default), or by the E2M1 code entropy (`select: entropy`, the paper's named
+  criterion). The chosen candidate of every site is recorded in the run's info.
+- Where: T of the residual stream fused offline (QuaRot-style, norms folded); per layer, the down-site T
+  online before down_proj (dense, inverse fused into down_proj); V/O per head: I ⊗ R of the residual.
   MoE experts' down inputs get I ⊗ R of the residual (no per-expert statistics).
-- Training-free: closed form from second moments; weights RTN or GPTQ after rotation.
-`metrics` reports block-energy CV and code entropy before/after for the residual stream (and the
-mean over layers for down_proj inputs).
+- Training-free; weights RTN or GPTQ after the rotation.
+`metrics` reports block-energy CV and code entropy before/after for the residual stream (and the mean
+over layers for down_proj inputs), and the output error of the chosen transform against no rotation.
 """
 from __future__ import annotations
 
-import torch
-from pydantic import PositiveInt
+from typing import Literal
 
-from harness.calib import RowSample, SecondMoment
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from harness.calib import SecondMoment
+from harness.formats import get_format
 from harness.registry import register_method
 from harness.rotation.blockstats import (
     block_energies,
@@ -31,29 +50,58 @@ from harness.rotation.blockstats import (
     e2m1_code_entropy,
     equalize_blocks,
     intra_block_candidates,
+    isolating_permutation,
+    klt_hadamard,
+    massive_channels,
+    output_error,
+    permutation_matrix,
     pooled_block_covariance,
 )
 from harness.rotation.install import Rotations
 from harness.rotation.method import RotationMethod, RotationParams
-from harness.transforms import block_diagonal, hadamard
+from harness.transforms import block_diagonal, hadamard, is_hadamard_order
 
 
-class _Moments:
-    """Σ = E[x xᵀ] over rows, plus a seeded sample of rows for the entropy criterion."""
+class _Site:
+    """What one site's transform is built from: Σ without massive tokens, per-channel max |x| over every
+    token, and seeded uniform row samples per reader group. The readers' weights are not copied: `readers`
+    maps a group to (the model's live weights, the norm scale they see)."""
 
-    def __init__(self, dim: int, keep: int, seed: int):
-        self.second, self.rows = SecondMoment(dim), RowSample(keep, seed)
+    def __init__(self, dim: int, keep_fraction: float, seed: int, ratio: float):
+        self.clean, self.ratio, self.fraction = SecondMoment(dim), ratio, keep_fraction
+        self.absmax = torch.zeros(dim, dtype=torch.float64)
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        self.readers: dict[str, tuple[list[torch.Tensor], torch.Tensor | None]] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.massive_rows = self.rows = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        self.second.add(x)
-        self.rows.add(x)
+    def add(self, x: torch.Tensor, group: str) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+        rowmax = x.abs().amax(-1)
+        massive = rowmax > self.ratio * rowmax.median()
+        self.clean.add(x[~massive])
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        keep = torch.rand(x.shape[0], generator=self.generator) < self.fraction
+        keep[torch.randint(x.shape[0], (1,), generator=self.generator)] = True  # every batch is represented
+        self.samples.setdefault(group, []).append(x[keep])
+        self.massive_rows += int(massive.sum())
+        self.rows += x.shape[0]
 
-    @property
-    def cov(self) -> torch.Tensor:
-        return self.second.cov
+    def pairs(self) -> list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]]:
+        """(sampled rows, reader weights, norm scale) per group, for the output error."""
+        return [(torch.cat(rows), *self.readers[group]) for group, rows in self.samples.items()
+                if self.readers.get(group, ([], None))[0]]
 
-    def sample(self) -> torch.Tensor:
-        return self.rows.sample()
+    def rows_sample(self) -> torch.Tensor:
+        return torch.cat([torch.cat(r) for r in self.samples.values()])
+
+
+def block_format(activation):
+    """The E2M1 block format the transform is built for: the cell's activation format when it is one, else
+    MXFP4 (TORQ's format)."""
+    if activation is not None and activation.granularity == "group" and activation.element == "e2m1":
+        return activation
+    return get_format("mxfp4")
 
 
 def _normalised(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,56 +112,92 @@ def _normalised(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @register_method("torq")
 class TORQ(RotationMethod):
-    """Two-level (inter-block Schur–Horn equalisation + intra-block max-entropy) rotations for MXFP4."""
+    """Two-level (outlier-aware inter-block permutation + intra-block rotation chosen by MXFP4 output error)
+    rotations for MXFP4."""
 
-    version = 1
+    version = 2  # 2: outlier-aware stage 1 ("isolate"), stage 2 chosen per site by output error
     conformance_params = {"weight_solver": "rtn", "samples": 64, "candidates": 2}
     uses_seed = False  # closed form from calibration moments (fixed sampling): one cell, not one per seed
 
     class Params(RotationParams):
-        inter: bool = True  # stage 1
+        inter: Literal["isolate", "givens", "klt_hadamard", "none"] = "isolate"  # stage 1
         intra: bool = True  # stage 2
+        select: Literal["output_error", "entropy"] = "output_error"  # stage 2's criterion
         block: PositiveInt = 32
         candidates: PositiveInt = 8  # sign-randomised Hadamards among the stage-2 candidates
-        samples: PositiveInt = 1024  # calibration rows kept for the entropy criterion
+        samples: PositiveInt = 1024  # calibration rows kept per site (over all its reader groups)
+        massive_ratio: PositiveFloat = Field(20.0, gt=1.0, le=1e6)  # "massive" = above this x the median
         online_down: bool = True  # the two-level transform before down_proj (per layer)
 
-    def _two_level(self, moments: _Moments, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        b = self.params.block
-        cov = moments.cov
+    # ---- the two levels -------------------------------------------------------------------------
+    def _inter(self, site: _Site) -> tuple[torch.Tensor, int]:
+        """(Q_inter, number of massive channels isolated)."""
+        cov, b = site.clean.cov, self.params.block
         d = cov.shape[0]
-        q_inter = equalize_blocks(cov, b) if self.params.inter else torch.eye(d, dtype=torch.float64)
+        kind = self.params.inter
+        if kind == "isolate":
+            massive = massive_channels(site.absmax, self.params.massive_ratio)
+            return permutation_matrix(isolating_permutation(torch.diagonal(cov), massive, b)), int(massive.numel())
+        if kind == "givens":
+            return equalize_blocks(cov, b), 0
+        if kind == "klt_hadamard" and is_hadamard_order(d):
+            return klt_hadamard(cov, hadamard(d)), 0
+        return torch.eye(d, dtype=torch.float64), 0
+
+    def _two_level(self, site: _Site, fmt) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        b = self.params.block
+        cov = site.clean.cov
+        d = cov.shape[0]
+        q_inter, isolated = self._inter(site)
         cov1 = q_inter.T @ cov @ q_inter
-        rows = moments.sample() @ q_inter
+        rows = site.rows_sample()
+        pairs = site.pairs()
         stats = {"block_cv_before": coefficient_of_variation(block_energies(cov, b)),
                  "block_cv_after": coefficient_of_variation(block_energies(cov1, b)),
-                 "entropy_before": e2m1_code_entropy(moments.sample())}
+                 "entropy_before": e2m1_code_entropy(rows, fmt),
+                 "output_error_before": output_error(pairs, torch.eye(d, dtype=torch.float64), fmt),
+                 "massive_channels": float(isolated), "massive_token_share": site.massive_rows / max(site.rows, 1)}
+        choice, scores = "identity", {}
         r = torch.eye(b, dtype=torch.float64)
         if self.params.intra:
             cands = intra_block_candidates(pooled_block_covariance(cov1, b), hadamard(b), self.params.candidates)
-            best, _ = choose_intra_block(rows, cands, b)
-            r = cands[best]
+            if self.params.select == "entropy":
+                choice, scores = choose_intra_block(rows @ q_inter, cands, b, fmt)
+            else:
+                scores = {name: output_error(pairs, q_inter @ block_diagonal(c, d // b), fmt) for name, c in cands.items()}
+                choice = min(scores, key=scores.get)
+            r = cands[choice]
         t = q_inter @ block_diagonal(r, d // b)
-        stats["entropy_after"] = e2m1_code_entropy(moments.sample() @ t)
-        return t, r, stats
+        stats["entropy_after"] = e2m1_code_entropy(rows @ t, fmt)
+        stats["output_error_after"] = output_error(pairs, t, fmt)
+        return t, r, {"stats": stats, "choice": choice, "scores": scores}
 
+    # ---- calibration -------------------------------------------------------------------------------
     @torch.no_grad()
     def build(self, ctx):
-        adapter, b = ctx.adapter, self.params.block
+        adapter, b, p = ctx.adapter, self.params.block, self.params
+        fmt = block_format(getattr(ctx.scheme, "activation", None))
         layers = adapter.layers()
-        residual = _Moments(adapter.hidden_size, self.params.samples, ctx.seed)
-        dense_down = all(v.experts is None for v in layers) and self.params.online_down
-        down = [_Moments(v.mlp_out[0].in_features, self.params.samples, ctx.seed + 1 + v.index)
+        inputs = ctx.calib_inputs()
+        tokens = inputs.numel()
+        residual = _Site(adapter.hidden_size, min(1.0, p.samples / (2 * len(layers) * tokens)), ctx.seed, p.massive_ratio)
+        dense_down = all(v.experts is None for v in layers) and p.online_down
+        down = [_Site(v.mlp_out[0].in_features, min(1.0, p.samples / tokens), ctx.seed + 1 + v.index, p.massive_ratio)
                 for v in layers] if dense_down else []
         handles = []
         for view in layers:
-            for norm in (view.attn_norm, view.mlp_norm):
+            # MoE: the router and a shared expert stand for the routed experts' gate_up (not scored: cost)
+            for part, norm, readers in (("attn", view.attn_norm, (view.q, view.k, view.v)),
+                                        ("mlp", view.mlp_norm, (*view.mlp_in, *view.router_linears))):
+                group = f"{view.index}.{part}"
+                # the readers see norm(x) = x̂ · γ (γ folded into them by the rotation)
+                residual.readers[group] = ([lin.weight.detach() for lin in readers], norm.weight.detach().cpu())
                 handles.append(norm.register_forward_hook(
-                    lambda mod, args, _out: residual.add(_normalised(mod, args[0]))))
+                    lambda mod, args, _out, g=group: residual.add(_normalised(mod, args[0]), g)))
             if dense_down:
+                down[view.index].readers["down"] = ([view.mlp_out[0].weight.detach()], None)
                 handles.append(view.mlp_out[0].register_forward_hook(
-                    lambda mod, args, _out, i=view.index: down[i].add(args[0])))
-        inputs = ctx.calib_inputs()
+                    lambda mod, args, _out, i=view.index: down[i].add(args[0], "down")))
         try:
             for i in range(0, inputs.shape[0], 4):
                 ctx.model(inputs[i:i + 4].to(next(ctx.model.parameters()).device), use_cache=False)
@@ -121,17 +205,19 @@ class TORQ(RotationMethod):
             for h in handles:
                 h.remove()
 
-        t_res, r_res, stats = self._two_level(residual, ctx.seed)
-        metrics = {f"residual_{k}": v for k, v in stats.items()}
+        t_res, r_res, res = self._two_level(residual, fmt)
+        metrics = {f"residual_{k}": v for k, v in res["stats"].items()}
+        choices = {"residual": res["choice"]}
         rot = Rotations(residual=t_res, head=block_diagonal(r_res, adapter.head_dim // min(b, adapter.head_dim))
                         if adapter.head_dim % b == 0 else None,
-                        info={"inter": self.params.inter, "intra": self.params.intra})
+                        info={"inter": p.inter, "intra": p.intra, "select": p.select, "format": str(getattr(fmt, "name", fmt))})
         if dense_down:
-            per_layer = [self._two_level(m, ctx.seed) for m in down]
+            per_layer = [self._two_level(m, fmt) for m in down]
             rot.down_kind, rot.down = "dense", [t for t, _, _ in per_layer]
-            for key in ("block_cv_before", "block_cv_after", "entropy_before", "entropy_after"):
-                metrics[f"down_{key}"] = sum(s[key] for _, _, s in per_layer) / len(per_layer)
-        elif self.params.online_down:
+            for key in res["stats"]:
+                metrics[f"down_{key}"] = sum(s["stats"][key] for _, _, s in per_layer) / len(per_layer)
+            choices.update({f"down.{i}": s["choice"] for i, (_, _, s) in enumerate(per_layer)})
+        elif p.online_down:
             rot.down_kind, rot.down_block = "block", r_res
-        rot.info["metrics"] = metrics
+        rot.info.update(metrics=metrics, stage2_choice=choices, residual_scores=res["scores"])
         return rot

@@ -146,3 +146,64 @@ def choose_intra_block(samples: torch.Tensor, candidates: dict[str, torch.Tensor
         entropies[name] = e2m1_code_entropy(rotated, fmt)
     best = max(entropies, key=entropies.get)
     return best, entropies
+
+
+def massive_channels(absmax: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Channels whose max |x| exceeds `ratio` x the median channel's (massive activations, e.g. an attention
+    sink's channels), largest first."""
+    absmax = absmax.double()
+    idx = (absmax > ratio * absmax.median()).nonzero().flatten()
+    return idx[torch.argsort(absmax[idx], descending=True)]
+
+
+def isolating_permutation(energies: torch.Tensor, massive: torch.Tensor, block: int) -> torch.Tensor:
+    """Channel order for MXFP4 blocks: each massive channel opens a block of its own, filled with the
+    channels of least energy (the elements its shared scale coarsens matter least there); the remaining
+    channels are dealt, largest first, to the least-loaded of the other blocks (energies measured without
+    massive tokens). A pure permutation: no channel is spread into another block. perm[i] = old channel of
+    new channel i."""
+    d = energies.numel()
+    n_blocks = d // block
+    massive = massive.tolist()[:n_blocks]
+    rest = [c for c in torch.argsort(energies.double(), descending=False).tolist() if c not in set(massive)]
+    slots: list[list[int]] = [[m] for m in massive]
+    for s in slots:  # the quietest channels keep the massive ones company
+        while len(s) < block:
+            s.append(rest.pop(0))
+    free = [[] for _ in range(n_blocks - len(slots))]
+    loads = [0.0] * len(free)
+    for ch in reversed(rest):  # largest first
+        b = min((i for i in range(len(free)) if len(free[i]) < block), key=lambda i: loads[i])
+        free[b].append(ch)
+        loads[b] += float(energies[ch])
+    return torch.tensor([ch for s in slots + free for ch in s], dtype=torch.long)
+
+
+def klt_hadamard(cov: torch.Tensor, hadamard_d: torch.Tensor) -> torch.Tensor:
+    """MambaQuant's KLT-enhanced rotation: eigenvectors of Σ (largest first) times a Hadamard, so that
+    every channel of x Q has the same variance (tr Σ / d)."""
+    _, eigvecs = torch.linalg.eigh(cov.double())
+    return eigvecs.flip(-1) @ hadamard_d.double()
+
+
+def output_error(sites, t: torch.Tensor, fmt: Format | str = "mxfp4") -> float:
+    """Σ over sites (input rows x [n, d], reader weights W [out, d], input scale γ [d] or None) of the relative
+    error that quantizing the rotated input x T to `fmt` adds to the readers' output, the readers seeing
+    x diag(γ) (a norm's scale, folded into W by a rotation): ||(Q(xT) - xT) Tᵀ diag(γ) Wᵀ||² / ||x diag(γ) Wᵀ||².
+    W is used as it is (no copy), so the readers can be a model's live weights."""
+    from harness.formats import quantize
+
+    fmt = get_format(fmt)
+    t = t.double()
+    total = 0.0
+    for x, weights, gamma in sites:
+        xt = x.double() @ t
+        delta = (quantize(xt.float(), fmt).double() - xt) @ t.T
+        scaled = x.double()
+        if gamma is not None:
+            delta, scaled = delta * gamma.double(), scaled * gamma.double()
+        for w in weights:
+            err = delta.to(w.dtype) @ w.T
+            ref = scaled.to(w.dtype) @ w.T
+            total += float(err.double().pow(2).sum() / ref.double().pow(2).sum().clamp_min(1e-30))
+    return total

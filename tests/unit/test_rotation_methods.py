@@ -50,12 +50,50 @@ def test_rotations_change_weights_and_are_seeded():
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
 
-def test_torq_metrics_show_equalised_blocks_and_higher_entropy():
-    _, rotated, _, method = run("torq", "llama_h96", {"weight_solver": "rtn"})
+def test_torq_givens_ablation_equalises_blocks_and_raises_entropy():
+    _, rotated, _, method = run("torq", "llama_h96", {"weight_solver": "rtn", "inter": "givens", "select": "entropy"})
     m = method.metrics(rotated, None)
     assert m["residual_block_cv_after"] < 1e-6 < m["residual_block_cv_before"]
     assert m["residual_entropy_after"] >= m["residual_entropy_before"]
     assert "down_block_cv_after" in m
+
+
+def test_torq_stage2_is_the_least_output_error_candidate_and_is_recorded():
+    model, tok, adapter = make_tiny_model("llama_h96")
+    method = get_method("torq")({"weight_solver": "rtn"})
+    state = method.calibrate(context(model, tok, adapter, "mxfp4", 0))
+    info = state.meta["info"]
+    scores = info["residual_scores"]
+    assert info["stage2_choice"]["residual"] == min(scores, key=scores.get) and "identity" in scores
+    assert set(info["stage2_choice"]) == {"residual", *(f"down.{i}" for i in range(adapter.num_layers))}
+    m = info["metrics"]
+    assert m["residual_output_error_after"] == pytest.approx(min(scores.values()))
+    assert m["residual_output_error_after"] <= scores["identity"]
+
+
+def test_isolating_permutation_keeps_a_massive_channel_alone_with_the_quietest():
+    """MXFP4 with one massive channel (an attention sink's): isolating it in a block of the quietest channels
+    leaves the other channels' error far below the Givens equalisation, which smears it into a second block."""
+    from harness.rotation.blockstats import (equalize_blocks, isolating_permutation, massive_channels,
+                                             output_error, permutation_matrix)
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.linspace(0.2, 2.0, 96, dtype=torch.float64)
+    x = torch.randn(512, 96, generator=g, dtype=torch.float64) * scales
+    x[:, 7] = 200.0 + torch.randn(512, generator=g, dtype=torch.float64)  # massive on every token
+    cov, absmax = x.T @ x / 512, x.abs().amax(0)
+    massive = massive_channels(absmax, 20.0)
+    assert massive.tolist() == [7]
+    perm = isolating_permutation(torch.diagonal(cov), massive, 32)
+    assert sorted(perm.tolist()) == list(range(96))
+    first = perm[:32].tolist()
+    assert first[0] == 7 and set(first[1:]) == set(torch.argsort(torch.diagonal(cov))[:31].tolist())
+    eye = torch.eye(96, dtype=torch.float64)
+    quiet = [c for c in range(96) if c != 7]
+    reader = eye[quiet]  # read every channel but the massive one
+    err_isolate = output_error([(x, [reader], None)], permutation_matrix(perm))
+    err_givens = output_error([(x, [reader], None)], equalize_blocks(cov, 32))
+    assert err_isolate < 0.5 * err_givens
 
 
 def test_rotation_plus_gptq_and_mxfp4_runs_and_improves_on_rtn():
