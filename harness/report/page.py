@@ -62,31 +62,28 @@ def badge(verdict: str) -> str:
     return f"<span class='badge {VERDICT_CLASS.get(verdict, 'off')}'>{esc(verdict)}</span>"
 
 
-def _values_html(result: ClaimResult) -> str:
-    """Our numbers of one claim on one model: each term with its interval, then the compared ratio."""
+def value_lines(result: ClaimResult) -> list[str]:
+    """Our numbers of one claim on one model, as text lines: each term with its 95% interval (or seed spread),
+    then the compared quantity (a ratio, or approx's gap) with its interval."""
     if result.verdict == "not run":
-        return f"<span class='small'>{esc(result.detail)}</span>"
+        return [result.detail]
     lines = []
     for term, est in result.values.items():
         ci = est.interval
-        text = f"{est.mean:.4g}"
+        text = f"{term} = {est.mean:.4g}"
         if ci is not None and ci.low != ci.high:
             text += f" [{ci.low:.4g}, {ci.high:.4g}]"
         elif est.n > 1:
-            text += f" ± {est.std:.2g}"
-        note = f" (n={est.n})" if est.n > 1 else ""
-        note += " (diverged)" if est.diverged else ""
-        lines.append(f"<code>{esc(term)}</code> = <span class='num'>{esc(text)}</span>{esc(note)}")
+            text += f" ± {est.std:.3g}"
+        lines.append(text + (f" (n={est.n})" if est.n > 1 else "") + (" (diverged)" if est.diverged else ""))
     for c in result.comparisons:
         if "ratio_ci95" in c:
             low, high = c["ratio_ci95"]
-            lines.append(f"ratio <span class='num'>{c['ratio']:.4g}</span> "
-                         f"<span class='small'>(95%: {low:.4g} to {high:.4g}{'' if c['paired'] else ', unpaired'})</span>")
+            lines.append(f"ratio {c['ratio']:.4g} (95%: {low:.4g} to {high:.4g}{'' if c['paired'] else ', unpaired'})")
         elif c.get("op") == "approx":
             low, high = c["gap_ci95"]
-            lines.append(f"gap {c['gap']:+.2%} <span class='small'>(95%: {low:+.2%} to {high:+.2%}; "
-                         f"allowed ±{c['rel']:.0%})</span>")
-    return "<br>".join(lines)
+            lines.append(f"gap {c['gap']:+.2%} (95%: {low:+.2%} to {high:+.2%}; allowed ±{c['rel']:.0%})")
+    return lines or [result.detail]
 
 
 def claims_html(spec: dict[str, Any], results: list[ClaimResult]) -> str:
@@ -111,7 +108,8 @@ def claims_html(spec: dict[str, Any], results: list[ClaimResult]) -> str:
         cells = []
         for m in models:
             r = per_model.get(m)
-            cells.append("<td>–</td>" if r is None else f"<td>{badge(r.verdict)}<br>{_values_html(r)}</td>")
+            cells.append("<td>–</td>" if r is None else
+                         f"<td>{badge(r.verdict)}<br><span class='num'>{'<br>'.join(esc(v) for v in value_lines(r))}</span></td>")
         rows.append(f"<tr><td>{left}</td><td class='small'>{esc(text_of(first.paper))}</td>{''.join(cells)}</tr>")
     return f"<table class='claims'>{head}{''.join(rows)}</table>"
 

@@ -41,26 +41,9 @@ def check_claims(spec: dict[str, Any], df: pd.DataFrame) -> list[ClaimResult]:
 
 
 def _fmt_values(result: ClaimResult) -> str:
-    """Our numbers of a claim on one model: each term with its 95% interval, then the compared ratio."""
-    if result.verdict == "not run":
-        return result.detail
-    parts = []
-    for term, est in result.values.items():
-        ci = est.interval
-        text = f"{term} = {est.mean:.4g}"
-        if ci is not None and ci.low != ci.high:
-            text += f" [{ci.low:.4g}, {ci.high:.4g}]"
-        elif est.n > 1:
-            text += f" ± {est.std:.3g}"
-        parts.append(text + (f" (n={est.n})" if est.n > 1 else "") + (" (diverged)" if est.diverged else ""))
-    for c in result.comparisons:
-        if "ratio_ci95" in c:
-            low, high = c["ratio_ci95"]
-            parts.append(f"ratio {c['ratio']:.4g} ({low:.4g}-{high:.4g}{'' if c['paired'] else ', unpaired'})")
-        elif c.get("op") == "approx":
-            low, high = c["gap_ci95"]
-            parts.append(f"gap {c['gap']:+.2%} ({low:+.2%} to {high:+.2%}, allowed ±{c['rel']:.0%})")
-    return "; ".join(parts) or result.detail
+    from harness.report.page import value_lines
+
+    return "; ".join(value_lines(result))
 
 
 def _fmt_paper(value: Any) -> str:
