@@ -281,3 +281,47 @@ def test_clip_search_picks_the_best_ratio_per_group(tokens):
                 errs[float(m[r])] = group_err(wq, r, grp)
             chosen = float(best[r, grp])
             assert errs[min(errs, key=errs.get)] == pytest.approx(errs[chosen], rel=1e-5, abs=1e-9)
+
+
+def test_smoothquant_static_scales_are_the_calibrated_max_and_saturate():
+    """O3: every linear input quantized with a fixed per-tensor scale = the largest |x / s| seen in
+    calibration; a dynamic format or an MoE model is refused in one line."""
+    import copy
+
+    from harness.errors import InvalidValueError, UnsupportedModelError
+    from harness.method import CalibConfig, CalibContext
+    from harness.models import get_adapter, make_tiny_model
+    from harness.quant import get_scheme
+    from harness.quant.static import StaticQuantizer
+    from harness.registry import get_method
+
+    o3 = get_scheme({"name": "o3", "weight": "int8_tensor", "activation": "int8_tensor"})
+    model, tok, adapter = make_tiny_model("llama")
+    method = get_method("smoothquant")({"static_activations": True, "alpha": 0.85})
+    ctx = CalibContext(model=model, tokenizer=tok, adapter=adapter, scheme=o3,
+                       calib=CalibConfig(corpus="wikitext2", n=4, seqlen=32), seed=0)
+    state = method.calibrate(ctx)
+    assert set(state.static_amax[0]) == {"qkv", "o", "mlp_in", "down"}
+    # the recorded max is the largest |input| the smoothed model's q_proj sees on the calibration windows
+    smoothed = copy.deepcopy(model)
+    method.apply(smoothed, get_adapter(smoothed), state, get_scheme("w16a16"))  # smoothing only, FP
+    seen = []
+    view = get_adapter(smoothed).layer(1)
+    handle = view.site("q").register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().max()))
+    with torch.no_grad():
+        smoothed(ctx.calib_inputs())
+    handle.remove()
+    assert float(state.static_amax[1]["qkv"]) == pytest.approx(float(max(seen)), rel=1e-5)
+    quantized = copy.deepcopy(model)
+    method.apply(quantized, get_adapter(quantized), state, o3)
+    q = get_adapter(quantized).layer(1).site("q").act_quantizer
+    assert isinstance(q, StaticQuantizer) and q is get_adapter(quantized).layer(1).site("k").act_quantizer
+    big = torch.full((1, 4, 128), 10.0 * q.amax)
+    assert float(q(big).abs().max()) == pytest.approx(q.amax, rel=1e-6)  # saturates at the static max
+    with pytest.raises(InvalidValueError, match="symmetric per-tensor"):
+        method.calibrate(CalibContext(model=model, tokenizer=tok, adapter=adapter, scheme=get_scheme("w8a8"),
+                                      calib=CalibConfig(corpus="wikitext2", n=4, seqlen=32), seed=0))
+    moe, mtok, madapter = make_tiny_model("qwen3_moe")
+    with pytest.raises(UnsupportedModelError):
+        method.calibrate(CalibContext(model=moe, tokenizer=mtok, adapter=madapter, scheme=o3,
+                                      calib=CalibConfig(corpus="wikitext2", n=4, seqlen=32), seed=0))
