@@ -38,8 +38,9 @@ class Qwen3Adapter(DecoderAdapter):
 class UnitOffsetRMSNorm(torch.nn.Module):
     """Gemma's RMSNorm `x / rms(x) * (1 + w)` held as a plain-scale RMSNorm with weight `1 + w`.
 
-    The same fp32 arithmetic as `Gemma3RMSNorm` (the sum 1 + w is rounded once either way), so the
-    model's outputs keep their bits, and every method folds scales into `norm.weight` as on Llama."""
+    The same fp32 arithmetic as `Gemma3RMSNorm` (the sum 1 + w is rounded once either way), so an fp32
+    model's outputs keep their bits (tested); in a bf16 model the stored 1 + w is rounded to bf16 (a 2^-8
+    relative change of each gain). Every method then folds scales into `norm.weight` as on Llama."""
 
     def __init__(self, norm: torch.nn.Module):
         super().__init__()
