@@ -23,7 +23,7 @@ help:
 	@echo "make smoke            run $(SPEC) at smoke scale"
 	@echo "make reproduce-paper PAPER=torq [SCALE=smoke|full]"
 	@echo "make leaderboard [RESULTS=dir]   tables (md/html/tex), plots and dashboard from recorded runs"
-	@echo "make examples         regenerate results/examples (smoke + eight_bit records, every paper's smoke report)"
+	@echo "make examples         regenerate results/examples (smoke + eight_bit records, every paper's smoke report; hours on 2 cores)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
