@@ -79,7 +79,10 @@ def value_lines(result: ClaimResult) -> list[str]:
     for c in result.comparisons:
         if "ratio_ci95" in c:
             low, high = c["ratio_ci95"]
-            lines.append(f"ratio {c['ratio']:.4g} (95%: {low:.4g} to {high:.4g}{'' if c['paired'] else ', unpaired'})")
+            if low == high:  # no per-window data and no spread: nothing to resample
+                lines.append(f"ratio {c['ratio']:.4g} (point values, no interval)")
+            else:
+                lines.append(f"ratio {c['ratio']:.4g} (95%: {low:.4g} to {high:.4g}{'' if c['paired'] else ', unpaired'})")
         elif c.get("op") == "approx":
             low, high = c["gap_ci95"]
             lines.append(f"gap {c['gap']:+.2%} (95%: {low:+.2%} to {high:+.2%}; allowed ±{c['rel']:.0%})")

@@ -96,3 +96,13 @@ def test_report_page_renders_without_artefacts_or_missing_glyphs(tmp_path):
         for ch in sorted({c for c in text if ord(c) > 127}):
             fonts = subprocess.run(["fc-list", f":charset={ord(ch):x}"], capture_output=True, text=True).stdout
             assert fonts.strip(), f"no installed font has a glyph for {ch!r} (U+{ord(ch):04X})"
+
+
+def test_point_value_comparisons_say_they_have_no_interval(tmp_path):
+    df = results()
+    extra = [dict(df.iloc[0], method="torq", metric=m, value=v, **{"info.window_nll": None})
+             for m, v in (("method.err_after", 1.0), ("method.err_before", 2.0))]
+    spec = {"paper": "p", "claims": [{"id": "err", "check": "metric(method.err_after, torq, w16a16) < metric(method.err_before, torq, w16a16)"}]}
+    write_paper_report(spec, pd.concat([df, pd.DataFrame(extra)], ignore_index=True), tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "ratio 0.5 (point values, no interval)" in page and "0.5 to 0.5" not in page
