@@ -27,7 +27,12 @@ coarsens its other elements (inter-block imbalance), and heavy-tailed blocks use
   (`select: output_error`, default), or by the E2M1 code entropy (`select: entropy`, the paper's named
   criterion). The chosen candidate of every site is recorded in the run's info.
 - Where: T of the residual stream fused offline (QuaRot-style, norms folded); per layer, the down-site T
-  online before down_proj (dense, inverse fused into down_proj); V/O per head: I ⊗ R of the residual.
+  online before down_proj, inverse fused into down_proj, kept as what it is, a channel permutation and one
+  32 x 32 block (O(d_ff) per layer; a dense d_ff x d_ff matrix only for the dense stage-1 ablations, which the
+  full-scale spec runs on the residual stream alone); V/O per head: I ⊗ R of the residual.
+- Cost at scale: a down_proj site keeps its moment's diagonal, not the d_ff x d_ff matrix (stage 2's in-block
+  covariance comes from the sampled non-massive rows), float32 row samples, and candidates are scored
+  without forming T (harness.rotation.blockstats.TwoLevel).
   MoE experts' down inputs get I ⊗ R of the residual (no per-expert statistics).
 - Training-free; weights RTN or GPTQ after the rotation.
 `metrics` reports block-energy CV and code entropy before/after for the residual stream (and the mean
@@ -44,6 +49,7 @@ from harness.calib import SecondMoment
 from harness.formats import get_format
 from harness.registry import register_method
 from harness.rotation.blockstats import (
+    TwoLevel,
     block_energies,
     choose_intra_block,
     coefficient_of_variation,
@@ -54,7 +60,6 @@ from harness.rotation.blockstats import (
     klt_hadamard,
     massive_channels,
     output_error,
-    permutation_matrix,
     pooled_block_covariance,
 )
 from harness.rotation.install import Rotations
@@ -63,14 +68,19 @@ from harness.transforms import block_diagonal, hadamard, is_hadamard_order
 
 
 class _Site:
-    """What one site's transform is built from: Σ without massive tokens, per-channel max |x| over every
-    token, and seeded uniform row samples per reader group. The readers' weights are not copied: `readers`
-    maps a group to (the model's live weights, the norm scale they see)."""
+    """What one site's transform is built from: the second moment without massive tokens (the full [d, d]
+    matrix only where a dense stage 1 needs it, else its diagonal: O(d) per site), per-channel max |x| over
+    every token, and seeded uniform row samples per reader group (float32, each flagged massive or not).
+    The readers' weights are not copied: `readers` maps a group to (the model's live weights, the norm
+    scale they see)."""
 
-    def __init__(self, dim: int, keep_fraction: float, seed: int, ratio: float):
-        self.clean, self.ratio, self.fraction = SecondMoment(dim), ratio, keep_fraction
+    def __init__(self, dim: int, keep_fraction: float, seed: int, ratio: float, full: bool):
+        self.clean = SecondMoment(dim) if full else None
+        self.energy_sum = torch.zeros(dim, dtype=torch.float64)
+        self.ratio, self.fraction = ratio, keep_fraction
         self.absmax = torch.zeros(dim, dtype=torch.float64)
         self.samples: dict[str, list[torch.Tensor]] = {}
+        self.sample_massive: list[torch.Tensor] = []
         self.readers: dict[str, tuple[list[torch.Tensor], torch.Tensor | None]] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.massive_rows = self.rows = 0
@@ -79,13 +89,30 @@ class _Site:
         x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
         rowmax = x.abs().amax(-1)
         massive = rowmax > self.ratio * rowmax.median()
-        self.clean.add(x[~massive])
+        if self.clean is not None:
+            self.clean.add(x[~massive])
+        self.energy_sum += x[~massive].pow(2).sum(0)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         keep = torch.rand(x.shape[0], generator=self.generator) < self.fraction
         keep[torch.randint(x.shape[0], (1,), generator=self.generator)] = True  # every batch is represented
-        self.samples.setdefault(group, []).append(x[keep])
+        self.samples.setdefault(group, []).append(x[keep].float())
+        self.sample_massive.append(massive[keep])
         self.massive_rows += int(massive.sum())
         self.rows += x.shape[0]
+
+    @property
+    def energies(self) -> torch.Tensor:
+        """Per-channel E[x²] without massive tokens."""
+        return self.energy_sum / max(self.rows - self.massive_rows, 1)
+
+    def pooled_block_covariance(self, inter: TwoLevel, block: int) -> torch.Tensor:
+        """The in-block covariance shared by the blocks of x Q_inter (massive tokens left out): from the full
+        moment where it is kept, else from the clean sampled rows."""
+        if self.clean is not None:
+            return pooled_block_covariance(inter.dense().T @ self.clean.cov @ inter.dense(), block)
+        rows = self.rows_sample().double()[~torch.cat(self.sample_massive)]
+        blocks = inter.apply(rows).reshape(-1, block)
+        return blocks.T @ blocks / max(blocks.shape[0], 1)
 
     def pairs(self) -> list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]]:
         """(sampled rows, reader weights, norm scale) per group, for the output error."""
@@ -130,47 +157,46 @@ class TORQ(RotationMethod):
         online_down: bool = True  # the two-level transform before down_proj (per layer)
 
     # ---- the two levels -------------------------------------------------------------------------
-    def _inter(self, site: _Site) -> tuple[torch.Tensor, int]:
-        """(Q_inter, number of massive channels isolated)."""
-        cov, b = site.clean.cov, self.params.block
-        d = cov.shape[0]
+    def _inter(self, site: _Site) -> tuple[TwoLevel, int]:
+        """(Q_inter with R = identity, number of massive channels isolated)."""
+        b, d = self.params.block, site.energies.numel()
+        eye_b = torch.eye(b, dtype=torch.float64)
         kind = self.params.inter
         if kind == "isolate":
             massive = massive_channels(site.absmax, self.params.massive_ratio)
-            return permutation_matrix(isolating_permutation(torch.diagonal(cov), massive, b)), int(massive.numel())
+            return TwoLevel(isolating_permutation(site.energies, massive, b), eye_b), int(massive.numel())
         if kind == "givens":
-            return equalize_blocks(cov, b), 0
+            return TwoLevel(equalize_blocks(site.clean.cov, b), eye_b), 0
         if kind == "klt_hadamard" and is_hadamard_order(d):
-            return klt_hadamard(cov, hadamard(d)), 0
-        return torch.eye(d, dtype=torch.float64), 0
+            return TwoLevel(klt_hadamard(site.clean.cov, hadamard(d)), eye_b), 0
+        return TwoLevel(torch.arange(d), eye_b), 0
 
-    def _two_level(self, site: _Site, fmt) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _two_level(self, site: _Site, fmt) -> tuple[TwoLevel, dict]:
         b = self.params.block
-        cov = site.clean.cov
-        d = cov.shape[0]
-        q_inter, isolated = self._inter(site)
-        cov1 = q_inter.T @ cov @ q_inter
+        stage1, isolated = self._inter(site)
+        energies = site.energies
+        after = (energies[stage1.inter] if stage1.is_permutation
+                 else torch.diagonal(stage1.inter.T @ site.clean.cov @ stage1.inter))
         rows = site.rows_sample()
         pairs = site.pairs()
-        stats = {"block_cv_before": coefficient_of_variation(block_energies(cov, b)),
-                 "block_cv_after": coefficient_of_variation(block_energies(cov1, b)),
+        identity = TwoLevel(torch.arange(energies.numel()), torch.eye(b, dtype=torch.float64))
+        stats = {"block_cv_before": coefficient_of_variation(energies.reshape(-1, b).sum(-1)),
+                 "block_cv_after": coefficient_of_variation(after.reshape(-1, b).sum(-1)),
                  "entropy_before": e2m1_code_entropy(rows, fmt),
-                 "output_error_before": output_error(pairs, torch.eye(d, dtype=torch.float64), fmt),
+                 "output_error_before": output_error(pairs, identity, fmt),
                  "massive_channels": float(isolated), "massive_token_share": site.massive_rows / max(site.rows, 1)}
-        choice, scores = "identity", {}
-        r = torch.eye(b, dtype=torch.float64)
+        choice, scores, t = "identity", {}, stage1
         if self.params.intra:
-            cands = intra_block_candidates(pooled_block_covariance(cov1, b), hadamard(b), self.params.candidates)
+            cands = intra_block_candidates(site.pooled_block_covariance(stage1, b), hadamard(b), self.params.candidates)
             if self.params.select == "entropy":
-                choice, scores = choose_intra_block(rows @ q_inter, cands, b, fmt)
+                choice, scores = choose_intra_block(stage1.apply(rows.double()), cands, b, fmt)
             else:
-                scores = {name: output_error(pairs, q_inter @ block_diagonal(c, d // b), fmt) for name, c in cands.items()}
+                scores = {name: output_error(pairs, stage1.with_block(c), fmt) for name, c in cands.items()}
                 choice = min(scores, key=scores.get)
-            r = cands[choice]
-        t = q_inter @ block_diagonal(r, d // b)
-        stats["entropy_after"] = e2m1_code_entropy(rows @ t, fmt)
+            t = stage1.with_block(cands[choice])
+        stats["entropy_after"] = e2m1_code_entropy(t.apply(rows.double()), fmt)
         stats["output_error_after"] = output_error(pairs, t, fmt)
-        return t, r, {"stats": stats, "choice": choice, "scores": scores}
+        return t, {"stats": stats, "choice": choice, "scores": scores}
 
     # ---- calibration -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -180,10 +206,13 @@ class TORQ(RotationMethod):
         layers = adapter.layers()
         inputs = ctx.calib_inputs()
         tokens = inputs.numel()
-        residual = _Site(adapter.hidden_size, min(1.0, p.samples / (2 * len(layers) * tokens)), ctx.seed, p.massive_ratio)
+        residual = _Site(adapter.hidden_size, min(1.0, p.samples / (2 * len(layers) * tokens)), ctx.seed,
+                         p.massive_ratio, full=True)
         dense_down = all(v.experts is None for v in layers) and p.online_down
-        down = [_Site(v.mlp_out[0].in_features, min(1.0, p.samples / tokens), ctx.seed + 1 + v.index, p.massive_ratio)
-                for v in layers] if dense_down else []
+        # a d_ff x d_ff moment per layer only for the dense stage-1 ablations (O(L d_ff²): smoke scale)
+        full_down = p.inter in ("givens", "klt_hadamard")
+        down = [_Site(v.mlp_out[0].in_features, min(1.0, p.samples / tokens), ctx.seed + 1 + v.index, p.massive_ratio,
+                      full=full_down) for v in layers] if dense_down else []
         handles = []
         for view in layers:
             # MoE: the router and a shared expert stand for the routed experts' gate_up (not scored: cost)
@@ -205,18 +234,23 @@ class TORQ(RotationMethod):
             for h in handles:
                 h.remove()
 
-        t_res, r_res, res = self._two_level(residual, fmt)
+        t_res, res = self._two_level(residual, fmt)
+        r_res = t_res.r
         metrics = {f"residual_{k}": v for k, v in res["stats"].items()}
         choices = {"residual": res["choice"]}
-        rot = Rotations(residual=t_res, head=block_diagonal(r_res, adapter.head_dim // min(b, adapter.head_dim))
+        rot = Rotations(residual=t_res.dense(), head=block_diagonal(r_res, adapter.head_dim // min(b, adapter.head_dim))
                         if adapter.head_dim % b == 0 else None,
                         info={"inter": p.inter, "intra": p.intra, "select": p.select, "format": str(getattr(fmt, "name", fmt))})
         if dense_down:
             per_layer = [self._two_level(m, fmt) for m in down]
-            rot.down_kind, rot.down = "dense", [t for t, _, _ in per_layer]
+            if all(t.is_permutation for t, _ in per_layer):  # O(d_ff) per layer: permutation + one block
+                rot.down_kind = "permuted_block"
+                rot.down, rot.down_perm = [t.r for t, _ in per_layer], [t.inter for t, _ in per_layer]
+            else:
+                rot.down_kind, rot.down = "dense", [t.dense() for t, _ in per_layer]
             for key in res["stats"]:
-                metrics[f"down_{key}"] = sum(s["stats"][key] for _, _, s in per_layer) / len(per_layer)
-            choices.update({f"down.{i}": s["choice"] for i, (_, _, s) in enumerate(per_layer)})
+                metrics[f"down_{key}"] = sum(s["stats"][key] for _, s in per_layer) / len(per_layer)
+            choices.update({f"down.{i}": s["choice"] for i, (_, s) in enumerate(per_layer)})
         elif p.online_down:
             rot.down_kind, rot.down_block = "block", r_res
         rot.info.update(metrics=metrics, stage2_choice=choices, residual_scores=res["scores"])

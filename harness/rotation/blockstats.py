@@ -17,10 +17,51 @@ rotated calibration activations.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from harness.formats import Format, compute_params, get_format
+from harness.transforms import apply_block_rotation, block_diagonal
+
+
+@dataclass(frozen=True)
+class TwoLevel:
+    """T = Q_inter (I ⊗ R): `inter` a channel permutation (int64 [d], perm[i] = old channel of new channel i;
+    O(d) state) or a dense orthogonal matrix [d, d]; `r` one [b, b] rotation on every block of b channels.
+    Applied without forming T when `inter` is a permutation (what keeps d_ff-sized sites O(d_ff))."""
+
+    inter: torch.Tensor
+    r: torch.Tensor
+
+    @property
+    def is_permutation(self) -> bool:
+        return self.inter.dim() == 1
+
+    @property
+    def dim(self) -> int:
+        return self.inter.shape[0]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x T."""
+        y = x[..., self.inter] if self.is_permutation else x @ self.inter.to(x.dtype)
+        return apply_block_rotation(y, self.r)
+
+    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """x Tᵀ (= x T⁻¹)."""
+        y = apply_block_rotation(x, self.r.T)
+        if not self.is_permutation:
+            return y @ self.inter.to(x.dtype).T
+        out = torch.empty_like(y)
+        out[..., self.inter] = y
+        return out
+
+    def with_block(self, r: torch.Tensor) -> TwoLevel:
+        return TwoLevel(self.inter, r)
+
+    def dense(self) -> torch.Tensor:
+        q = permutation_matrix(self.inter) if self.is_permutation else self.inter.double()
+        return q @ block_diagonal(self.r.double(), self.dim // self.r.shape[0])
 
 
 def block_energies(cov: torch.Tensor, block: int) -> torch.Tensor:
@@ -186,19 +227,21 @@ def klt_hadamard(cov: torch.Tensor, hadamard_d: torch.Tensor) -> torch.Tensor:
     return eigvecs.flip(-1) @ hadamard_d.double()
 
 
-def output_error(sites, t: torch.Tensor, fmt: Format | str = "mxfp4") -> float:
+def output_error(sites, t: torch.Tensor | TwoLevel, fmt: Format | str = "mxfp4") -> float:
     """Σ over sites (input rows x [n, d], reader weights W [out, d], input scale γ [d] or None) of the relative
     error that quantizing the rotated input x T to `fmt` adds to the readers' output, the readers seeing
     x diag(γ) (a norm's scale, folded into W by a rotation): ||(Q(xT) - xT) Tᵀ diag(γ) Wᵀ||² / ||x diag(γ) Wᵀ||².
-    W is used as it is (no copy), so the readers can be a model's live weights."""
+    `t` a dense orthogonal matrix or a `TwoLevel` (applied without forming it). W is used as it is (no copy),
+    so the readers can be a model's live weights."""
     from harness.formats import quantize
 
     fmt = get_format(fmt)
-    t = t.double()
+    if not isinstance(t, TwoLevel):
+        t = TwoLevel(t.double(), torch.ones(1, 1, dtype=torch.float64))
     total = 0.0
     for x, weights, gamma in sites:
-        xt = x.double() @ t
-        delta = (quantize(xt.float(), fmt).double() - xt) @ t.T
+        xt = t.apply(x.double())
+        delta = t.apply_transpose(quantize(xt.float(), fmt).double() - xt)
         scaled = x.double()
         if gamma is not None:
             delta, scaled = delta * gamma.double(), scaled * gamma.double()

@@ -9,7 +9,9 @@ Sites (QuaRot's names):
   `head`): [hd, hd] for every head of that layer, or [kv_heads, hd, hd], one per KV head, shared by the
   query heads of its GQA group (learned R2 of SpinQuant / DartQuant).
 - R3 `qk` [hd, hd]: online on Q and K after RoPE (cancels in Q Kᵀ; only the quantized K sees it).
-- R4 `down`: online before down_proj (and every expert's down), inverse fused into its weight.
+- R4 `down`: online before down_proj (and every expert's down), inverse fused into its weight: a Hadamard of
+  size d_ff, one block repeated along d_ff, one dense matrix per layer, or per layer a channel permutation
+  and a block repeated along d_ff ("permuted_block": O(d_ff) state per layer, not O(d_ff²)).
 - `o_heads` [heads, heads]: online on o_proj's input across heads, fused into o_proj's weight; with a
   per-head Hadamard R2 on V this makes o_proj's input see the full H_heads ⊗ H_hd (QuaRot's
   `rotate_ov_proj` + `online_partial_had`).
@@ -38,7 +40,8 @@ from harness.transforms import apply_block_rotation, hadamard, hadamard_transfor
 @dataclass
 class Rotations:
     """Which rotation goes where. `down_kind`: "hadamard" (fast transform of size d_ff), "block" (one
-    block matrix repeated along d_ff), or "dense" (one matrix per layer in `down`)."""
+    block matrix repeated along d_ff), "dense" (one matrix per layer in `down`), or "permuted_block"
+    (per layer, x -> x[..., down_perm[i]] then the block `down[i]` repeated along d_ff)."""
 
     residual: torch.Tensor | None = None
     head: torch.Tensor | None = None
@@ -49,6 +52,7 @@ class Rotations:
     info: dict[str, Any] = field(default_factory=dict)
     heads: list[torch.Tensor] = field(default_factory=list)  # per-layer R2, see the module docstring
     o_heads: torch.Tensor | None = None  # [heads, heads]: online across heads on o_proj's input (QuaRot)
+    down_perm: list[torch.Tensor] = field(default_factory=list)  # per layer, "permuted_block" (int64 [d_ff])
 
     def as_float64(self) -> Rotations:
         """A copy with every matrix in float64 (how a calibration stores them)."""
@@ -57,7 +61,7 @@ class Rotations:
 
         return Rotations(f64(self.residual), f64(self.head), f64(self.qk), self.down_kind,
                          [f64(m) for m in self.down], f64(self.down_block), dict(self.info),
-                         [f64(m) for m in self.heads], f64(self.o_heads))
+                         [f64(m) for m in self.heads], f64(self.o_heads), [p.detach().long() for p in self.down_perm])
 
     def head_of(self, index: int) -> torch.Tensor | None:
         """R2 of layer `index`: its own from `heads` when given, else the shared `head`."""
@@ -142,17 +146,32 @@ def online_fn(kind: str, matrix: torch.Tensor | None = None):
     return lambda x: x @ dense.to(x.device)
 
 
-def _down_matrix(rot: Rotations, index: int, size: int) -> tuple[torch.Tensor, Any]:
-    """(dense matrix for the offline weight fusion, online function) of layer `index`'s R4."""
+def permuted_block_fn(perm: torch.Tensor, block: torch.Tensor):
+    """x -> x P (I ⊗ R) with x P = x[..., perm], without a dense matrix (in x's dtype)."""
+    return lambda x: apply_block_rotation(x[..., perm.to(x.device)], block)
+
+
+def _down_transform(rot: Rotations, index: int, size: int) -> tuple[Any, Any]:
+    """(fusion into a weight W <- W M, in place; online function x -> x M) of layer `index`'s R4."""
+    if rot.down_kind == "permuted_block":
+        fn = permuted_block_fn(rot.down_perm[index], rot.down[index])
+
+        @torch.no_grad()
+        def fuse(weight):  # W M applies M to W's rows: the online function itself, in float64
+            weight.copy_(fn(weight.detach().to(torch.float64)).to(weight.dtype))
+
+        return fuse, permuted_block_fn(rot.down_perm[index], rot.down[index].to(torch.float32))
     if rot.down_kind == "hadamard":
-        return hadamard(size), online_fn("hadamard")
-    if rot.down_kind == "block":
+        matrix, fn = hadamard(size), online_fn("hadamard")
+    elif rot.down_kind == "block":
         from harness.transforms import block_diagonal
 
         b = rot.down_block.shape[0]
-        return block_diagonal(rot.down_block.double(), size // b), online_fn("block", rot.down_block)
-    matrix = rot.down[index]
-    return matrix, online_fn("dense", matrix)
+        matrix, fn = block_diagonal(rot.down_block.double(), size // b), online_fn("block", rot.down_block)
+    else:
+        matrix = rot.down[index]
+        fn = online_fn("dense", matrix)
+    return lambda weight: rotate_input(weight, matrix), fn
 
 
 def install_rotations(model, adapter, rot: Rotations) -> None:
@@ -173,13 +192,13 @@ def install_rotations(model, adapter, rot: Rotations) -> None:
             for role in ("down", "shared_down"):
                 if role in layer.sites:
                     down = wrap_site(layer, role)
-                    matrix, fn = _down_matrix(rot, layer.index, down.in_features)
-                    rotate_input(down.linear.weight, matrix)
+                    fuse, fn = _down_transform(rot, layer.index, down.in_features)
+                    fuse(down.linear.weight)
                     down.input_transform = OnlineTransform(apply_fn=fn, name=f"R4 {rot.down_kind}")
             if layer.experts is not None:
                 experts = wrap_site(layer, "experts")
-                matrix, fn = _down_matrix(rot, layer.index, experts.down_proj.shape[-1])
-                rotate_input(experts.down_proj, matrix)
+                fuse, fn = _down_transform(rot, layer.index, experts.down_proj.shape[-1])
+                fuse(experts.down_proj)
                 experts.down_transform = OnlineTransform(apply_fn=fn, name=f"R4 {rot.down_kind}")
         attn_modules.append(layer.attn)
     if rot.qk is not None:

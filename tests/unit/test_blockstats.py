@@ -69,3 +69,18 @@ def test_choose_intra_block_prefers_a_rotation_for_heavy_tails():
         torch.testing.assert_close(r.T @ r, torch.eye(32, dtype=torch.float64), atol=1e-10, rtol=0)
     best, entropies = choose_intra_block(x, cands, 32)
     assert best != "identity" and entropies[best] == max(entropies.values())
+
+
+def test_two_level_applies_its_dense_matrix_and_inverts_without_forming_it():
+    from harness.rotation.blockstats import TwoLevel
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
+    x = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    for inter in (torch.randperm(32, generator=g), torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0]):
+        t = TwoLevel(inter, r)
+        dense = t.dense()
+        torch.testing.assert_close(dense @ dense.T, torch.eye(32, dtype=torch.float64))
+        torch.testing.assert_close(t.apply(x), x @ dense)
+        torch.testing.assert_close(t.apply_transpose(t.apply(x)), x)
+    assert TwoLevel(torch.arange(32), r).is_permutation and not t.is_permutation

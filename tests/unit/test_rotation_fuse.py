@@ -84,3 +84,29 @@ def test_online_transform_matches_matrix_and_keeps_dtype():
     t = OnlineTransform(q)
     assert t(x).dtype == torch.bfloat16
     torch.testing.assert_close(OnlineTransform(apply_fn=lambda v: v @ q)(x.float()), x.float() @ q)
+
+
+def test_permuted_block_down_rotation_matches_its_dense_matrix_and_keeps_logits():
+    """R4 as a per-layer permutation + block ("permuted_block", O(d_ff) state): the fused weight and the online
+    transform are exactly those of the dense P (I ⊗ R), and the model computes the same function."""
+    from harness.models import make_tiny_model
+    from harness.rotation.blockstats import TwoLevel
+    from harness.rotation.install import Rotations, equivalence_error, install_rotations
+
+    model, _, adapter = make_tiny_model("llama")
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    d_ff = adapter.layer(0).mlp_out[0].in_features
+    g = torch.Generator().manual_seed(1)
+    perms = [torch.randperm(d_ff, generator=g) for _ in adapter.layers()]
+    blocks = [orthogonal(32, 10 + i) for i in range(adapter.num_layers)]
+    w_before = adapter.layer(1).mlp_out[0].weight.detach().double().clone()
+    install_rotations(model, adapter, Rotations(down_kind="permuted_block", down=blocks, down_perm=perms))
+    with torch.no_grad():
+        assert equivalence_error(ref, model, ids) < 1e-5
+    dense = TwoLevel(perms[1], blocks[1]).dense()
+    down = adapter.layer(1).site("down")
+    torch.testing.assert_close(down.linear.weight.double(), (w_before @ dense).float().double())
+    x = torch.randn(3, d_ff)
+    torch.testing.assert_close(down.input_transform(x), (x.double() @ dense).float(), rtol=1e-5, atol=1e-5)

@@ -69,6 +69,11 @@ def test_torq_stage2_is_the_least_output_error_candidate_and_is_recorded():
     m = info["metrics"]
     assert m["residual_output_error_after"] == pytest.approx(min(scores.values()))
     assert m["residual_output_error_after"] <= scores["identity"]
+    # the per-layer down_proj transform is kept as a permutation + one block: O(d_ff) per layer, not O(d_ff²)
+    rot, d_ff = state.rotations, adapter.layer(0).mlp_out[0].in_features
+    assert rot.down_kind == "permuted_block" and len(rot.down) == len(rot.down_perm) == adapter.num_layers
+    assert all(r.shape == (32, 32) for r in rot.down)
+    assert all(torch.equal(p.sort().values, torch.arange(d_ff)) for p in rot.down_perm)
 
 
 def test_isolating_permutation_keeps_a_massive_channel_alone_with_the_quietest():
