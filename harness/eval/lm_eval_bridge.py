@@ -5,7 +5,8 @@ PTQBENCH_DATA_DIR set, tasks come from `harness.eval.lm_tasks` rendered against 
 without it, lm-eval's stock hub tasks are used (indexing only their folders, not all 14k tasks).
 
 Metric policy (QuaRot/FlatQuant): the headline value is acc_norm where the task reports it, else
-acc; both (and lambada's perplexity) are kept in `extra`.
+acc; both (and lambada's perplexity) are kept in `extra`, and acc / acc_norm per document too
+(`extra.example_scores`, document order) for paired intervals between runs on the same documents.
 lm-eval's request cache (`use_cache`) is keyed on the request only, never on the model, so a cache
 must belong to one run: pass a per-run `cache_path` (or None for no cache).
 """
@@ -28,6 +29,8 @@ from harness.eval.lm_tasks import TASKS, lm_eval_tasks_dir, mirror_config
 from harness.eval.result import EvalResult, NonFiniteError, library_versions, model_device, model_dtype
 
 METRIC_POLICY = "acc_norm where the task reports it, else acc (QuaRot/FlatQuant); both in extra"
+#: metrics that are a mean over documents, kept per document too
+MEAN_METRICS = ("acc", "acc_norm")
 
 
 def list_tasks() -> list[str]:
@@ -97,6 +100,14 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def example_scores(samples: list[dict[str, Any]], metric: str) -> list[float]:
+    """The per-document values of `metric`, in document order (what a paired bootstrap resamples)."""
+    scored = sorted((int(ex["doc_id"]), _number(ex.get(metric))) for ex in samples)
+    if any(v is None for _, v in scored):
+        raise NonFiniteError(f"lm-eval returned a document without a numeric {metric}")
+    return [v for _, v in scored]
+
+
 def lm_eval_tasks(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None, batch_size: int = 8,
                   cache_path: str | Path | None = None, seed: int = 0, num_fewshot: int = 0
                   ) -> dict[str, EvalResult]:
@@ -123,7 +134,7 @@ def lm_eval_tasks(model: Any, tokenizer: Any, tasks: list[str], limit: int | Non
         try:
             out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
                                   limit=limit, use_cache=str(cache_path) if cache_path is not None else None,
-                                  cache_requests=False, bootstrap_iters=0, log_samples=False, random_seed=seed,
+                                  cache_requests=False, bootstrap_iters=0, log_samples=True, random_seed=seed,
                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         except (ConnectionError, FileNotFoundError) as exc:
             if data_dir() is not None:
@@ -152,6 +163,8 @@ def lm_eval_tasks(model: Any, tokenizer: Any, tasks: list[str], limit: int | Non
             "add_bos_token": "tokenizer default (HFLM add_bos_token=None)", "max_length": lm.max_length,
             "request_cache": str(cache_path) if cache_path is not None else None, "versions": versions,
         }
+        # per-document accuracies (means over documents): comparisons on the same documents are paired
+        per_doc = {m: example_scores(out["samples"][name], m) for m in MEAN_METRICS if m in metrics}
         results[name] = EvalResult(value=metrics[metric], metric=metric, protocol=protocol,
-                                   extra={**metrics, "seconds_all_tasks": round(seconds, 3)})
+                                   extra={**metrics, "seconds_all_tasks": round(seconds, 3), "example_scores": per_doc})
     return results

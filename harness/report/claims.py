@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import PtqbenchError
-from harness.report.intervals import Interval, Resampler, normal_draws, runs_ppl_draws
+from harness.report.intervals import Interval, Resampler, normal_draws, runs_example_draws, runs_ppl_draws
 from harness.store import DIVERGED_MARK
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_RUN = "reproduced", "contradicted", "inconclusive", "not run"
@@ -162,9 +162,13 @@ class ResultLookup:
         return estimate
 
     def _add_draws(self, estimate: Estimate, rows, metric: str, label: str) -> None:
-        """Bootstrap replicates: over windows (paired by window cut) for perplexity, else normal."""
+        """Bootstrap replicates: over windows (paired by window cut) for perplexity, over documents (paired by
+        document set) for an lm-eval score, else normal."""
         resampler = self.resampler
-        found = runs_ppl_draws(rows, resampler, label) if metric == "ppl" else None
+        if metric == "ppl":
+            found = runs_ppl_draws(rows, resampler, label)
+        else:
+            found = runs_example_draws(rows, resampler, label, metric)
         if found is not None:
             estimate.draws, estimate.paired_on = found
             return

@@ -6,9 +6,12 @@ a bootstrap over those windows; two values measured on the same windows (same mo
 cut) are compared *paired*: both are recomputed on the same resampled windows, so the window-to-window
 difficulty, which dominates the spread of a single perplexity, cancels in their ratio.
 
+lm-eval records keep acc / acc_norm per document (`info.example_scores.<metric>`); an accuracy is
+resampled over its documents the same way, paired between runs on the same documents.
+
 Seeded methods add a second level: each replicate also resamples the seed runs (with replacement) of
 each value, independently per value (different methods' seeds are independent). Metrics without
-per-window data (accuracy, KL, method diagnostics) fall back to a normal approximation from their
+per-window or per-document data (KL, method diagnostics, older accuracy records) fall back to a normal approximation from their
 recorded standard error or seed spread; with neither they are point values (a zero-width interval, said
 so in the claim's detail).
 
@@ -52,6 +55,14 @@ class Resampler:
         return np.random.default_rng([self.seed, _stable(["value", label])])
 
 
+def _mean_over_seeds(per_seed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[S, B] replicates per seed run -> [B] replicates of the mean over seeds, the seeds resampled too."""
+    if per_seed.shape[0] == 1:
+        return per_seed[0]
+    picks = rng.integers(0, per_seed.shape[0], size=(per_seed.shape[1], per_seed.shape[0]))  # [B, S]
+    return per_seed[picks, np.arange(per_seed.shape[1])[:, None]].mean(axis=1)
+
+
 def ppl_draws(window_nll: list[np.ndarray], tokens_per_window: int, indices: np.ndarray,
               rng: np.random.Generator) -> np.ndarray:
     """Bootstrap replicates [resamples] of the mean-over-seeds perplexity of one value.
@@ -59,11 +70,15 @@ def ppl_draws(window_nll: list[np.ndarray], tokens_per_window: int, indices: np.
     window_nll: one array [W] of per-window NLL sums per seed run (all on the same windows)."""
     stacked = np.stack([np.asarray(w, dtype=np.float64) for w in window_nll])  # [S, W]
     n_windows = stacked.shape[1]
-    per_seed = np.exp(stacked[:, indices].sum(axis=2) / (n_windows * tokens_per_window))  # [S, B]
-    if len(window_nll) == 1:
-        return per_seed[0]
-    picks = rng.integers(0, len(window_nll), size=(indices.shape[0], len(window_nll)))  # [B, S]
-    return per_seed[picks, np.arange(indices.shape[0])[:, None]].mean(axis=1)
+    return _mean_over_seeds(np.exp(stacked[:, indices].sum(axis=2) / (n_windows * tokens_per_window)), rng)
+
+
+def mean_draws(example_scores: list[np.ndarray], indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap replicates [resamples] of the mean-over-seeds average score (an accuracy) of one value.
+
+    example_scores: one array [N] of per-document scores per seed run (all on the same documents)."""
+    stacked = np.stack([np.asarray(e, dtype=np.float64) for e in example_scores])  # [S, N]
+    return _mean_over_seeds(stacked[:, indices].mean(axis=2), rng)
 
 
 def normal_draws(mean: float, stderr: float, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -97,8 +112,9 @@ class Interval:
         return f"[{self.low:.4g}, {self.high:.4g}]"
 
 
-def parse_window_nll(value: object) -> np.ndarray | None:
-    """A record's per-window NLLs (a list, or the JSON text the tidy table holds), else None."""
+def parse_numbers(value: object) -> np.ndarray | None:
+    """A record's per-window NLLs or per-document scores (a list, or the JSON text the tidy table holds),
+    else None."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -118,7 +134,7 @@ def runs_ppl_draws(rows, resampler: Resampler, label: str) -> tuple[np.ndarray, 
     runs in the tidy table, or None when a run lacks per-window data or the runs used different windows."""
     if "info.window_nll" not in rows or "protocol.tokens_predicted" not in rows:
         return None
-    nll = [parse_window_nll(v) for v in rows["info.window_nll"]]
+    nll = [parse_numbers(v) for v in rows["info.window_nll"]]
     if not nll or any(w is None for w in nll) or len({len(w) for w in nll}) != 1:
         return None
     first = rows.iloc[0]
@@ -127,3 +143,23 @@ def runs_ppl_draws(rows, resampler: Resampler, label: str) -> tuple[np.ndarray, 
     draws = ppl_draws(nll, int(first["protocol.tokens_predicted"]) // windows,
                       resampler.window_indices(key, windows), resampler.rng(label))
     return draws, (*key, windows)
+
+
+#: What identifies the documents an lm-eval score was measured on (the pairing key)
+EXAMPLE_KEY = ("model", "task", "protocol.limit", "protocol.num_fewshot")
+
+
+def runs_example_draws(rows, resampler: Resampler, label: str, metric: str) -> tuple[np.ndarray, tuple] | None:
+    """(replicates of the mean-over-seeds `metric` of `rows`, the documents they resample) for one value's
+    lm-eval runs, or None when a run lacks per-document scores of that metric or the runs scored different
+    documents."""
+    column = f"info.example_scores.{metric}"
+    if column not in rows:
+        return None
+    scores = [parse_numbers(v) for v in rows[column]]
+    if not scores or any(e is None for e in scores) or len({len(e) for e in scores}) != 1:
+        return None
+    first = rows.iloc[0]
+    key = tuple(str(first.get(c)) for c in EXAMPLE_KEY)
+    draws = mean_draws(scores, resampler.window_indices(key, len(scores[0])), resampler.rng(label))
+    return draws, (*key, len(scores[0]))

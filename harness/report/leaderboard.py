@@ -1,7 +1,8 @@
 """Leaderboards: methods x schemes pivots of one metric, with the FP baseline and deltas.
 
 Cells are means over seeds; perplexity cells carry their 95% bootstrap interval over evaluation windows
-and seeds ("12.34 [11.90, 12.81]"), other metrics their seed spread ("0.123 ± 0.004" when more than one
+and seeds ("12.34 [11.90, 12.81]"), accuracy cells theirs over the documents scored, other metrics their
+seed spread ("0.123 ± 0.004" when more than one
 seed ran). The best entry of every column is marked, and failed runs show as "failed" rather than
 disappearing. A cell's interval is wide because windows differ in difficulty; two cells measured on the
 same windows are compared with the claims' paired intervals (harness.report.claims), much narrower.
@@ -100,7 +101,7 @@ class Leaderboard:
         if self.baseline is not None:
             head += f"FP baseline: {self.baseline:.3f}; deltas in parentheses; best per column in bold.\n\n"
         if self.intervals:
-            head += "Brackets: 95% bootstrap interval over the evaluation windows (and seeds).\n\n"
+            head += "Brackets: 95% bootstrap interval over the evaluation windows or documents (and seeds).\n\n"
         body = self.cells().to_markdown(tablefmt="github")
         return head + body + (f"\n\n_{self.protocol}_\n" if self.protocol else "\n")
 
@@ -223,18 +224,21 @@ def build_leaderboard(df: pd.DataFrame, metric: str, task: str | None = None, mo
         base = mean.loc[baseline[0], baseline[1]]
         base = None if pd.isna(base) else float(base)
     title = f"{metric} — {model or 'all models'} — {task or 'all tasks'}" + (f" — {protocol}" if protocol else "")
-    intervals = ppl_intervals(done, mcol, columns) if metric == "ppl" else None
+    intervals = cell_intervals(done, mcol, columns, metric) or None
     return Leaderboard(title, metric, mean, std, n.fillna(0).astype(int), failed, base, protocol_line(rows), diverged,
                        intervals)
 
 
-def ppl_intervals(done: pd.DataFrame, mcol: str, columns: str) -> dict:
-    """(method, column) -> 95% interval of the cell's perplexity, from its runs' per-window NLLs."""
-    from harness.report.intervals import Interval, Resampler, runs_ppl_draws
+def cell_intervals(done: pd.DataFrame, mcol: str, columns: str, metric: str) -> dict:
+    """(method, column) -> 95% interval of the cell's `metric`: a perplexity from its runs' per-window NLLs,
+    an accuracy from their per-document scores (cells without them get none)."""
+    from harness.report.intervals import Interval, Resampler, runs_example_draws, runs_ppl_draws
 
     resampler, out = Resampler(), {}
     for (r, c), cell in done.groupby([mcol, columns]):
-        found = runs_ppl_draws(cell, resampler, f"{r}|{c}")
+        label = f"{r}|{c}"
+        found = (runs_ppl_draws(cell, resampler, label) if metric == "ppl"
+                 else runs_example_draws(cell, resampler, label, metric))
         if found is not None:
             out[(r, c)] = Interval.of(found[0])
     return out

@@ -202,3 +202,24 @@ def test_intervals_are_reproducible():
     first = evaluate_claim("ppl(a, s) < ppl(b, s)", ResultLookup(results(rows))).comparisons
     again = evaluate_claim("ppl(a, s) < ppl(b, s)", ResultLookup(results(rows))).comparisons
     assert first == again
+
+
+def example_rows(method, scores, seed=0, limit=200):
+    """An lm-eval record with per-document scores (what lm-eval records store in info.example_scores)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return {"method": method, "scheme": "s", "seed": seed, "task": "piqa", "metric": "acc", "value": scores.mean(),
+            "info.example_scores.acc": json.dumps(scores.tolist()), "protocol.limit": limit,
+            "protocol.num_fewshot": 0, "run_id": f"{method}-{seed}-{limit}"}
+
+
+def test_accuracies_on_the_same_documents_are_compared_paired():
+    """Method a fixes 6 of 200 documents b gets wrong and breaks none: +3 points, reproduced when paired
+    (the same documents resampled for both), inconclusive from the two accuracies' binomial spread alone."""
+    b = (np.random.default_rng(1).uniform(size=200) < 0.6).astype(float)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:6]] = 1.0
+    paired = ResultLookup(results([example_rows("a", a), example_rows("b", b)]))
+    r = evaluate_claim("acc(a, s, task=piqa) > acc(b, s, task=piqa)", paired)
+    assert r.verdict == REPRODUCED and r.comparisons[0]["paired"]
+    other_docs = ResultLookup(results([example_rows("a", a, limit=199), example_rows("b", b)]))
+    assert evaluate_claim("acc(a, s, task=piqa) > acc(b, s, task=piqa)", other_docs).verdict == INCONCLUSIVE

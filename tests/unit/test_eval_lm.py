@@ -100,7 +100,7 @@ def hand_scored_piqa(model, tok, docs):
             lens.append(len(sol))
         acc.append(float(np.argmax(lls) == d["label"]))
         acc_norm.append(float(np.argmax(np.array(lls) / np.array(lens)) == d["label"]))
-    return float(np.mean(acc)), float(np.mean(acc_norm))
+    return acc, acc_norm
 
 
 def test_piqa_on_a_tiny_model_matches_hand_scoring(setup, monkeypatch, tmp_path):
@@ -113,7 +113,8 @@ def test_piqa_on_a_tiny_model_matches_hand_scoring(setup, monkeypatch, tmp_path)
     assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
     docs = [json.loads(line) for line in (root / "piqa" / "validation.jsonl").open()][:8]
     acc, acc_norm = hand_scored_piqa(model, tok, docs)
-    assert res.extra["acc"] == pytest.approx(acc) and res.extra["acc_norm"] == pytest.approx(acc_norm)
+    assert res.extra["acc"] == pytest.approx(np.mean(acc)) and res.extra["acc_norm"] == pytest.approx(np.mean(acc_norm))
+    assert res.extra["example_scores"] == {"acc": acc, "acc_norm": acc_norm}  # per document, in document order
     assert res.metric == "acc_norm" and res.value == res.extra["acc_norm"]
     p = res.protocol
     assert p["limit"] == 8 and p["docs_evaluated"] == 8 and p["docs_total"] == 12 and p["seed"] == 5

@@ -67,3 +67,20 @@ def test_perplexity_cells_carry_their_window_bootstrap_interval():
     cell = board.cells().loc["rtn", "mxfp4"]
     assert f"[{interval.low:.3f}, {interval.high:.3f}]" in cell and "±" not in cell
     assert "Brackets: 95% bootstrap interval" in board.to_markdown()
+
+
+def test_accuracy_cells_carry_their_document_bootstrap_interval():
+    import json
+
+    import numpy as np
+
+    df = frame()
+    df["task"], df["metric"] = "piqa", "acc"
+    rng = np.random.default_rng(0)
+    scores = {i: (rng.uniform(size=100) < 0.7).astype(float) for i in range(len(df))}
+    df["info.example_scores.acc"] = [json.dumps(scores[i].tolist()) for i in range(len(df))]
+    df["value"] = [float(scores[i].mean()) for i in range(len(df))]
+    board = build_leaderboard(df, "acc", task="piqa", model="m")
+    interval = board.intervals[("rtn", "mxfp4")]
+    assert interval.low < board.mean.loc["rtn", "mxfp4"] < interval.high
+    assert 0.05 < interval.high - interval.low < 0.3  # about 4 binomial standard errors of 100 documents
