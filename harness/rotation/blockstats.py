@@ -16,6 +16,7 @@ rotated calibration activations.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -76,16 +77,17 @@ def coefficient_of_variation(values: torch.Tensor) -> float:
 
 def balancing_permutation(energies: torch.Tensor, block: int) -> torch.Tensor:
     """Channel order that deals channels, largest first, to the block with the least energy so far
-    (each block holds `block` channels). Returns perm with new channel i = old channel perm[i]."""
+    (each block holds `block` channels; ties go to the lowest block). Returns perm with new channel i =
+    old channel perm[i]. O(d log(d / block)): a heap of the blocks with free slots."""
     d = energies.numel()
-    n_blocks = d // block
     order = torch.argsort(energies.double(), descending=True).tolist()
-    loads = [0.0] * n_blocks
-    slots: list[list[int]] = [[] for _ in range(n_blocks)]
+    heap = [(0.0, b) for b in range(d // block)]  # (load, block), already a heap
+    slots: list[list[int]] = [[] for _ in heap]
     for ch in order:
-        b = min((i for i in range(n_blocks) if len(slots[i]) < block), key=lambda i: loads[i])
+        load, b = heapq.heappop(heap)
         slots[b].append(ch)
-        loads[b] += float(energies[ch])
+        if len(slots[b]) < block:
+            heapq.heappush(heap, (load + float(energies[ch]), b))
     return torch.tensor([ch for s in slots for ch in s], dtype=torch.long)
 
 

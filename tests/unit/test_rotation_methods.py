@@ -36,7 +36,7 @@ def run(method_name, family, params=None, scheme="w16a16", seed=0):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["quarot", "brq", "torq"])
+@pytest.mark.parametrize("method", ["quarot", "brq", "torq", "perq"])
 def test_rotation_with_quantizers_off_keeps_logits(method, family):
     ref, rotated, ids, _ = run(method, family, {"weight_solver": "rtn"})
     assert equivalence_error(ref, rotated, ids) <= 1e-4
