@@ -50,7 +50,6 @@ from harness.formats import get_format
 from harness.registry import register_method
 from harness.rotation.blockstats import (
     TwoLevel,
-    block_energies,
     choose_intra_block,
     coefficient_of_variation,
     e2m1_code_entropy,
