@@ -153,6 +153,8 @@ class ResultLookup:
         if rows.empty:
             reason = f"failed: {failed['error'].iloc[0]}" if not failed.empty else "no run"
             raise MissingResult(f"{label}: {reason}")
+        if "seed" in rows and len(rows) > 1:  # seed order: the numbers do not depend on the record order
+            rows = rows.sort_values("seed", kind="stable")
         values = rows["value"].astype(float)
         if values.isna().any():
             raise MissingResult(f"{label}: NaN")

@@ -125,6 +125,12 @@ def parse_numbers(value: object) -> np.ndarray | None:
     return None
 
 
+def _by_seed(rows):
+    """The runs in seed order, so a value's seed resamples do not depend on the order of the records (their
+    run ids change with the code)."""
+    return rows.sort_values("seed", kind="stable") if "seed" in rows and len(rows) > 1 else rows
+
+
 #: What identifies the windows a perplexity was measured on (the pairing key)
 WINDOW_KEY = ("model", "task", "protocol.seqlen", "protocol.bos_per_window")
 
@@ -134,6 +140,7 @@ def runs_ppl_draws(rows, resampler: Resampler, label: str) -> tuple[np.ndarray, 
     runs in the tidy table, or None when a run lacks per-window data or the runs used different windows."""
     if "info.window_nll" not in rows or "protocol.tokens_predicted" not in rows:
         return None
+    rows = _by_seed(rows)
     nll = [parse_numbers(v) for v in rows["info.window_nll"]]
     if not nll or any(w is None for w in nll) or len({len(w) for w in nll}) != 1:
         return None
@@ -156,6 +163,7 @@ def runs_example_draws(rows, resampler: Resampler, label: str, metric: str) -> t
     column = f"info.example_scores.{metric}"
     if column not in rows:
         return None
+    rows = _by_seed(rows)
     scores = [parse_numbers(v) for v in rows[column]]
     if not scores or any(e is None for e in scores) or len({len(e) for e in scores}) != 1:
         return None

@@ -223,3 +223,11 @@ def test_accuracies_on_the_same_documents_are_compared_paired():
     assert r.verdict == REPRODUCED and r.comparisons[0]["paired"]
     other_docs = ResultLookup(results([example_rows("a", a, limit=199), example_rows("b", b)]))
     assert evaluate_claim("acc(a, s, task=piqa) > acc(b, s, task=piqa)", other_docs).verdict == INCONCLUSIVE
+
+
+def test_intervals_do_not_depend_on_the_order_of_the_records():
+    base = _hard_windows()
+    rows = [window_rows("a", base * f, seed=i) for i, f in enumerate((0.95, 1.0, 1.05))] + [window_rows("b", base)]
+    first = evaluate_claim("ppl(a, s) < ppl(b, s)", ResultLookup(results(rows))).comparisons
+    again = evaluate_claim("ppl(a, s) < ppl(b, s)", ResultLookup(results(rows[::-1]))).comparisons
+    assert first == again
