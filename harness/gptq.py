@@ -21,7 +21,8 @@ Quantization params, with any format of harness.formats:
     (`tensor_amax`, computed when not given) and stays fixed; only the E4M3 block scales are searched.
   * `mse_clip`: wherever params are computed, also try shrinking the range by factors 0.99 .. 0.80 (steps
     of 0.01; the reference quantizer's `mse` option goes down to 0.21 with its maxshrink=0.8, grid=100) and
-    keep, per row and group, the factor with the least Σ|q - w|^2.4.
+    keep, per row and group, the factor with the least Σ|q - w|^2.4. `mse_shrinks=FPQUANT_SHRINKS` is
+    FP-Quant's MSE observer instead (MR-GPTQ: 100 factors down to 0.208).
 
 `gptq_quantize_model` runs the solver decoder layer by decoder layer (see its docstring).
 """
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from harness.calib import Hessian, walk_layers
+from harness.calib import Hessian, InputDrift, run_layer, walk_layers
 from harness.errors import InvalidValueError, PtqbenchError
 from harness.formats import (
     Format,
@@ -48,6 +49,8 @@ from harness.formats import (
 )
 
 MSE_SHRINKS = tuple(1 - i / 100 for i in range(21))  # 1.00, 0.99, ..., 0.80
+# FP-Quant's MSE observer (MR-GPTQ): 100 factors 1 - i·0.8/100, 1.00 down to 0.208, same |·|^2.4 error
+FPQUANT_SHRINKS = tuple(1 - i * 0.8 / 100 for i in range(100))
 MSE_NORM = 2.4
 DAMP_RETRIES = 3  # a failed Cholesky retries with 10x, 100x, 1000x the dampening (at least 1e-4)
 
@@ -74,8 +77,9 @@ class SolveInfo:
     perm: torch.Tensor | None = field(default=None, repr=False)
 
 
-def _params(x: torch.Tensor, fmt: Format, tensor_amax, mse_clip: bool) -> QuantParams:
-    """Params of the groups laid out along x's last dim; with mse_clip, the per-group best shrink."""
+def _params(x: torch.Tensor, fmt: Format, tensor_amax, mse_clip: bool,
+            shrinks: tuple[float, ...] = MSE_SHRINKS) -> QuantParams:
+    """Params of the groups laid out along x's last dim; with mse_clip, the per-group best of `shrinks`."""
     params = compute_params(x, fmt, tensor_amax)
     if not mse_clip:
         return params
@@ -85,7 +89,7 @@ def _params(x: torch.Tensor, fmt: Format, tensor_amax, mse_clip: bool) -> QuantP
         return (quantize_with_params(x, p, fmt) - x).abs().pow(MSE_NORM).sum(-1, keepdim=True)
 
     best = lp_error(params)
-    for shrink in MSE_SHRINKS[1:]:
+    for shrink in shrinks[1:]:
         trial = compute_params(x, fmt.with_(clip_ratio=fmt.clip_ratio * shrink), tensor_amax)
         err = lp_error(trial)
         better = err < best
@@ -96,7 +100,7 @@ def _params(x: torch.Tensor, fmt: Format, tensor_amax, mse_clip: bool) -> QuantP
     return params
 
 
-def clip_searched_rtn(weight: torch.Tensor, fmt: Format | str) -> torch.Tensor:
+def clip_searched_rtn(weight: torch.Tensor, fmt: Format | str, shrinks: tuple[float, ...] = MSE_SHRINKS) -> torch.Tensor:
     """Round-to-nearest with the reference quantizer's clipping search (QuaRot / SpinQuant `--w_clip` for
     RTN weights): every quantization group (the tensor, a row, or a group / block) keeps the range shrink
     1.00 .. 0.80 with the least Σ|q - w|^2.4. Returns the quantized weight (weight's dtype)."""
@@ -109,7 +113,7 @@ def clip_searched_rtn(weight: torch.Tensor, fmt: Format | str) -> torch.Tensor:
         x = w.reshape(-1, fmt.group_size)
     else:
         x = w.reshape(-1, w.shape[-1])
-    q = quantize_with_params(x, _params(x, fmt, tensor_amax, mse_clip=True), fmt)
+    q = quantize_with_params(x, _params(x, fmt, tensor_amax, mse_clip=True, shrinks=shrinks), fmt)
     return q.reshape(weight.shape).to(weight.dtype)
 
 
@@ -134,10 +138,16 @@ def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tens
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format | str, block_size: int = 128,
                          damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
                          mse_clip: bool = False, tensor_amax: torch.Tensor | float | None = None,
-                         ) -> tuple[torch.Tensor, SolveInfo]:
+                         drift: torch.Tensor | None = None, alpha: float = 0.0,
+                         mse_shrinks: tuple[float, ...] = MSE_SHRINKS) -> tuple[torch.Tensor, SolveInfo]:
     """Quantize `weight` [out, in] given its input Hessian [in, in]; returns (Q on the format grid, info).
 
     Q has weight's dtype and device; the solve runs in fp32 on the weight's device.
+    `drift` (GPTAQ's asymmetric calibration): D = 2/n Σ (x - x̃) x̃ᵀ between the full-precision inputs x
+    and the quantized prefix's inputs x̃ (H is then x̃'s Hessian). The target becomes the FP output W x:
+    with P = α · triu₁(D Uᵀ) U (U the upper Cholesky factor of H⁻¹), every column update also adds
+    w_i P[i, i:] (w_i the column before rounding; the lazy update adds W_block P[block, right], with the
+    block already rounded, as the official code). α = 0 (or no drift) is GPTQ bit for bit.
     """
     start = time.perf_counter()
     fmt = get_format(fmt)
@@ -160,16 +170,22 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Forma
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    if drift is not None and alpha != 0:
+        drift = drift.detach().to(device=device, dtype=torch.float32).clone()
+        drift[:, dead] = 0.0
+    else:
+        drift = None
 
     fixed = None  # per-row / per-tensor: one set of params, fixed up front
     if fmt.granularity == "tensor":
-        fixed = _params(w.reshape(1, -1), fmt, tensor_amax, mse_clip)  # [1, 1]: broadcasts over rows
+        fixed = _params(w.reshape(1, -1), fmt, tensor_amax, mse_clip, mse_shrinks)  # [1, 1]: broadcasts over rows
     elif group is None:
-        fixed = _params(w, fmt, tensor_amax, mse_clip)
+        fixed = _params(w, fmt, tensor_amax, mse_clip, mse_shrinks)
     n_groups = cols // group if group else 1
     used: list[QuantParams | None] = [fixed] if group is None else [None] * n_groups
     if group and (static_groups or act_order):
-        used = [_params(w[:, g * group:(g + 1) * group], fmt, tensor_amax, mse_clip) for g in range(n_groups)]
+        used = [_params(w[:, g * group:(g + 1) * group], fmt, tensor_amax, mse_clip, mse_shrinks)
+                for g in range(n_groups)]
     dynamic = group is not None and used[0] is None
     if group and block_size % group:
         block_size = group * max(1, round(block_size / group))  # groups never straddle two lazy blocks
@@ -177,9 +193,11 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Forma
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
+        drift = drift[perm][:, perm] if drift is not None else None
     order = perm.tolist() if perm is not None else list(range(cols))
     hinv, damp_used = _upper_cholesky_of_inverse(h, damp)
     del h
+    p = alpha * torch.triu(drift @ hinv.T, diagonal=1) @ hinv if drift is not None else None
 
     q = torch.zeros_like(w)
     loss = torch.zeros(rows, dtype=torch.float64, device=device)
@@ -191,16 +209,22 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Forma
         for i in range(b1 - b0):
             col = order[b0 + i]  # original index of this column
             if dynamic and col % group == 0:  # first column of a group: params from the updated weights
-                used[col // group] = _params(w1[:, i:i + group], fmt, tensor_amax, mse_clip)
+                used[col // group] = _params(w1[:, i:i + group], fmt, tensor_amax, mse_clip, mse_shrinks)
             params = used[col // group] if group else fixed
             column = w1[:, i]
             qcol = quantize_with_params(column[:, None], params, fmt)[:, 0]
             q[:, b0 + i] = qcol
             e = (column - qcol) / hinv1[i, i]
             loss += e.double() ** 2
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]  # compensate inside the block now
+            if p is None:
+                w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]  # compensate inside the block now
+            else:  # (the right-hand side is computed before the in-place update: `column` is still w_i)
+                w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :] - column[:, None] * p[b0 + i, b0 + i:b1][None, :]
             err1[:, i] = e
-        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]  # ... and to the right of it, lazily, once per block
+        if p is None:
+            w[:, b1:] -= err1 @ hinv[b0:b1, b1:]  # ... and to the right of it, lazily, once per block
+        else:
+            w[:, b1:] -= err1 @ hinv[b0:b1, b1:] - w1 @ p[b0:b1, b1:]
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     info = SolveInfo(float(loss.sum() / 2), time.perf_counter() - start, damp_used, group, used, perm)
@@ -241,8 +265,11 @@ def _stages(view, true_sequential: bool) -> list[dict]:
              "experts": tuple(e for s in stages for e in s["experts"])}]
 
 
-def _hessian_hooks(view, groups: list[list[nn.Linear]], handles: list) -> dict[int, Hessian]:
-    """One Hessian per set of linears with the same input (and the same online transform, if any)."""
+def _hessian_hooks(view, groups: list[list[nn.Linear]], handles: list,
+                   paired: _FullPrecisionStream | None = None) -> dict[int, Hessian]:
+    """One Hessian per set of linears with the same input (and the same online transform, if any).
+    With `paired` (GPTAQ), the Hessian is of what the matmul sees (activation quantizers included) and
+    each set also gets an `InputDrift` against the full-precision stream's input of the same site."""
     by_linear: dict[int, Hessian] = {}
     for group in groups:
         shared: dict[int, Hessian] = {}  # id(input transform) -> Hessian
@@ -250,11 +277,80 @@ def _hessian_hooks(view, groups: list[list[nn.Linear]], handles: list) -> dict[i
             site = view.site_of(lin)
             key = id(getattr(site, "input_transform", None))
             if key not in shared:
-                shared[key] = Hessian(lin.in_features)
-                handles.append(site.register_forward_hook(
-                    lambda mod, args, _out, hess=shared[key]: hess.add(_site_input(mod, args[0]))))
+                shared[key] = hess = Hessian(lin.in_features)
+                if paired is None:
+                    handles.append(site.register_forward_hook(
+                        lambda mod, args, _out, hess=hess: hess.add(_site_input(mod, args[0]))))
+                else:
+                    handles.append(paired.pair(view, site, hess))
             by_linear[id(lin)] = shared[key]
+            if paired is not None:
+                paired.drift[id(lin)] = paired.drift[id(shared[key])]
     return by_linear
+
+
+def _matmul_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the matmul really sees, activation quantization included (QuantLinear.quantize_input)."""
+    quantize_input = getattr(module, "quantize_input", None)
+    return quantize_input(x) if quantize_input is not None else x
+
+
+class _FullPrecisionStream:
+    """GPTAQ's second stream: the full-precision model's hidden states (per batch) and, for the current
+    layer, a full-precision copy of it (quantizers off) whose linear inputs are paired, batch by batch,
+    with the quantized layer's. Only one batch of paired inputs is held at a time (no per-token cache)."""
+
+    def __init__(self, hidden: list[torch.Tensor]):
+        self.hidden = list(hidden)
+        self.layer: nn.Module | None = None
+        self.outputs: list[torch.Tensor] | None = None
+        self.inputs: dict[str, torch.Tensor] = {}  # site name in the layer -> its FP input, current batch
+        self.drift: dict[int, InputDrift] = {}  # id(Hessian) and id(linear) -> the drift of that input
+
+    def enter(self, view) -> None:
+        from harness.quant.quantizer import quantizers
+
+        self.layer = copy.deepcopy(view.module)
+        for quantizer in quantizers(self.layer):
+            quantizer.fmt = None
+        self.outputs = None
+
+    def pair(self, view, site: nn.Module, hess: Hessian):
+        """Hooks the FP copy's `site` (keeps its input) and the live one (Hessian and drift); one handle."""
+        name = next(n for n, m in view.module.named_modules() if m is site)
+        twin = self.layer.get_submodule(name)
+        drift = self.drift[id(hess)] = InputDrift(hess.dim)
+
+        def keep(mod, args, _out):
+            self.inputs[name] = _matmul_input(mod, args[0])
+
+        def add(mod, args, _out):
+            x_q = _matmul_input(mod, args[0])
+            hess.add(x_q)
+            drift.add(self.inputs.pop(name), x_q)
+
+        return _Handles(twin.register_forward_hook(keep), site.register_forward_hook(add))
+
+    def forward(self, step) -> None:
+        """Each batch through the FP copy, then through the live layer (hooks pair their inputs)."""
+        outputs = []
+        for fp_x, x, kw in zip(self.hidden, step.hidden, step.kwargs):
+            outputs.append(run_layer(self.layer, [fp_x], [kw])[0])
+            run_layer(step.view.module, [x], [kw])
+        self.outputs = self.outputs or outputs  # the FP copy never changes within a layer
+
+    def exit(self) -> None:
+        self.hidden, self.layer, self.outputs = self.outputs, None, None
+        self.drift.clear()
+
+
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _expert_hooks(view, parts: tuple[str, ...], handles: list) -> dict[str, list[Hessian]]:
@@ -291,7 +387,8 @@ def _expert_hooks(view, parts: tuple[str, ...], handles: list) -> dict[str, list
 def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, weight_fmt: Format | str,
                         block_size: int = 128, damp: float = 0.01, act_order: bool = False,
                         static_groups: bool = False, mse_clip: bool = False, true_sequential: bool = False,
-                        batch_size: int = 8, progress: Callable | None = None) -> GPTQWeights:
+                        batch_size: int = 8, progress: Callable | None = None,
+                        alpha: float | None = None) -> GPTQWeights:
     """Quantize every decoder-layer weight in place with GPTQ; returns {parameter name: quantized weight}.
 
     The inputs of decoder layer 0 are captured once (the model stops there); then, layer by layer: run the
@@ -302,6 +399,13 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
     calibrated one after another inside a layer, each seeing the quantized stages before it.
     Experts that no calibration token reached are rounded to nearest (RTN), warned about and listed in
     `result.report["rtn_fallback"]`. Router, norms, embeddings and lm_head are left untouched.
+
+    `alpha` (not None) switches to GPTAQ's asymmetric calibration: a second, full-precision stream runs
+    beside the quantized one (a full-precision copy of each layer, its quantizers off); each linear's
+    Hessian is of the quantized stream's input as the matmul sees it (with any activation quantizers the
+    model carries), its `InputDrift` pairs that with the FP stream's input, and the solver targets the FP
+    output (`gptq_quantize_weight(drift=..., alpha=alpha)`). Fused experts are solved with plain GPTQ
+    (routing differs between the streams, so their tokens do not pair).
     """
     if adapter is None:
         from harness.models import get_adapter
@@ -315,18 +419,23 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
     names = {id(p): n for n, p in model.named_parameters()}
     result = GPTQWeights()
     result.report["settings"] = {**solve, "true_sequential": true_sequential, "format": fmt.name,
-                                 "n_windows": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[-1])}
+                                 "n_windows": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[-1]),
+                                 **({"gptaq_alpha": alpha} if alpha is not None else {})}
+    paired: _FullPrecisionStream | None = None
     for step in walk_layers(model, adapter, calib_inputs, batch_size, progress=progress, desc="GPTQ layers"):
         view = step.view
         start = time.perf_counter()
         forward_s = 0.0
+        if alpha is not None:
+            paired = paired or _FullPrecisionStream(step.hidden)  # layer 0: both streams start from the embeddings
+            paired.enter(view)
         for stage in _stages(view, true_sequential):
             handles: list = []
             try:
-                hess = _hessian_hooks(view, stage["groups"], handles)
+                hess = _hessian_hooks(view, stage["groups"], handles, paired)
                 expert_hess = _expert_hooks(view, stage["experts"], handles)
                 t = time.perf_counter()
-                step.forward()
+                step.forward() if paired is None else paired.forward(step)
                 forward_s += time.perf_counter() - t
             finally:
                 for handle in handles:
@@ -341,7 +450,8 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
                                       stacklevel=2)
                         result.report["rtn_fallback"].append({"layer": view.index, "param": name})
                     else:
-                        q, info = gptq_quantize_weight(lin.weight, hess[id(lin)].h, fmt, **solve)
+                        asym = {} if paired is None else {"drift": paired.drift[id(lin)].d, "alpha": alpha}
+                        q, info = gptq_quantize_weight(lin.weight, hess[id(lin)].h, fmt, **solve, **asym)
                         lin.weight.copy_(q)
                         result.report["linears"].append(_record(view.index, short, name, lin.weight.shape, info))
                     result[name] = lin.weight.detach().cpu().clone()
@@ -350,6 +460,8 @@ def gptq_quantize_model(model: nn.Module, adapter, calib_inputs: torch.Tensor, w
         t = time.perf_counter()
         step.run()  # inputs of the next layer, through the quantized weights
         forward_s += time.perf_counter() - t
+        if paired is not None:
+            paired.exit()
         result.report["layers"].append({"layer": view.index, "seconds": time.perf_counter() - start,
                                         "forward_seconds": forward_s})
     return result
@@ -389,13 +501,15 @@ def _solve_experts(view, part: str, per_expert: list[Hessian], fmt: Format, solv
 
 def gptq_after_transform(model: nn.Module, install: Callable, calib_inputs: torch.Tensor, weight_fmt: Format | str,
                          block_size: int = 128, damp: float = 0.01, progress: Callable | None = None,
-                         mse_clip: bool = False, true_sequential: bool = False) -> GPTQWeights:
+                         mse_clip: bool = False, true_sequential: bool = False,
+                         alpha: float | None = None) -> GPTQWeights:
     """GPTQ weights of `model` transformed by `install(copy, adapter)`, solved on a copy (the model is left
-    as it is): what transform methods (QuaRot, SpinQuant, OSTQuant, FlatQuant) store as their weights."""
+    as it is): what transform methods (QuaRot, SpinQuant, OSTQuant, FlatQuant) store as their weights.
+    `alpha`: GPTAQ's asymmetric calibration instead (see `gptq_quantize_model`)."""
     from harness.models import get_adapter
 
     work = copy.deepcopy(model)
     adapter = get_adapter(work)
     install(work, adapter)
     return gptq_quantize_model(work, adapter, calib_inputs, weight_fmt, block_size=block_size, damp=damp,
-                               progress=progress, mse_clip=mse_clip, true_sequential=true_sequential)
+                               progress=progress, mse_clip=mse_clip, true_sequential=true_sequential, alpha=alpha)

@@ -32,6 +32,7 @@ Deviations and their likely effect:
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -152,6 +153,9 @@ class WUSH(Method):
         block: PositiveInt | None = None  # default: the scheme's format block (32 MX, 16 NV)
         damp: NonNegativeFloat = 0.01
         gptq_block_size: PositiveInt = 128
+        act_order: bool = False  # GPTQ columns by decreasing Hessian diagonal (groups stay static)
+        static_groups: bool = False  # GPTQ group scales fixed up front from the transformed weight
+        observer: Literal["minmax", "mse"] = "minmax"  # mse: FP-Quant's 100-step scale search (RTN and GPTQ)
         error_rows: PositiveInt = 256  # calibration rows per linear for the output-error metrics
         batch_size: PositiveInt = 4
 
@@ -200,12 +204,14 @@ class WUSH(Method):
                     from harness.gptq import gptq_quantize_weight
 
                     solved, _ = gptq_quantize_weight(w_t.float(), transformed_hessian(hess.h, t), weight_fmt,
-                                                     block_size=p.gptq_block_size, damp=p.damp)
+                                                     block_size=p.gptq_block_size, damp=p.damp,
+                                                     act_order=p.act_order, static_groups=p.static_groups,
+                                                     **self._observer())
                     solved = solved.float()
                 sites[role] = WushSite(transform=t, weight=solved)
                 # the prefix the next layers see: the transform in place, its weights quantized
-                _install_site(step.view, role, t, solved if solved is not None else w_t.float(), weight_fmt,
-                              quantize_now=solved is None)
+                _install_site(step.view, role, t, solved if solved is not None else w_t.float(),
+                              weight_fmt if solved is None else None, self.weight_rounding())
             layers.append(sites)
             step.run()
         metrics = {f"output_error_{name}": sum(v) / len(v) for name, v in errors.items() if v}
@@ -220,10 +226,26 @@ class WUSH(Method):
         for view, sites in zip(adapter.layers(), state.layers):
             for role, site in sites.items():
                 weight = site.weight if site.weight is not None else transform_weight(view.site(role).weight, site.transform)
-                _install_site(view, role, site.transform, weight, None, quantize_now=False)
+                _install_site(view, role, site.transform, weight, None)
         self._metrics = dict(state.meta.get("metrics", {}))
-        apply_scheme(model, adapter, scheme, quantize_weights=not solved)
+        apply_scheme(model, adapter, scheme, quantize_weights=not solved, weight_rounding=self.weight_rounding())
         return model
+
+    def _observer(self) -> dict:
+        """GPTQ's scale search: none (minmax) or FP-Quant's MSE observer."""
+        if self.params.observer == "minmax":
+            return {}
+        from harness.gptq import FPQUANT_SHRINKS
+
+        return {"mse_clip": True, "mse_shrinks": FPQUANT_SHRINKS}
+
+    def weight_rounding(self):
+        """RTN weights: plain, or with FP-Quant's MSE observer."""
+        if self.params.observer == "minmax":
+            return None
+        from harness.gptq import FPQUANT_SHRINKS, clip_searched_rtn
+
+        return functools.partial(clip_searched_rtn, shrinks=FPQUANT_SHRINKS)
 
     def metrics(self, model, ctx) -> dict[str, float]:
         return dict(getattr(self, "_metrics", {}))
@@ -234,15 +256,15 @@ def _observe(stats: tuple[Hessian, RowSample], x: torch.Tensor) -> None:
         accumulator.add(x)
 
 
-def _install_site(view, role: str, t: torch.Tensor, weight: torch.Tensor, weight_fmt, quantize_now: bool) -> None:
-    """The linear of `role` reads x Tᵀ (online) with `weight` (quantized to `weight_fmt` when asked)."""
+def _install_site(view, role: str, t: torch.Tensor, weight: torch.Tensor, weight_fmt, rounding=None) -> None:
+    """The linear of `role` reads x Tᵀ (online) with `weight` (rounded to `weight_fmt` unless None)."""
     from harness.quant import wrap_site
     from harness.rotation.fuse import OnlineTransform
 
     site = wrap_site(view, role)
     w = weight.to(site.linear.weight)
-    if quantize_now and weight_fmt is not None:
-        w = quantize(w, get_format(weight_fmt))
+    if weight_fmt is not None:
+        w = (rounding or quantize)(w, get_format(weight_fmt))
     site.linear.weight.copy_(w)
     t32 = t.to(torch.float32)
     site.input_transform = OnlineTransform(apply_fn=lambda x, t=t32: transform_inputs(x, t), name="WUSH")

@@ -18,8 +18,8 @@ from harness.calib.driver import (
     walk_layers,
 )
 from harness.calib.memory import MemoryMeter, page_in
-from harness.calib.stats import AbsMax, ChannelStats, Hessian, RowSample, SecondMoment, StatsTap
+from harness.calib.stats import AbsMax, ChannelStats, Hessian, InputDrift, RowSample, SecondMoment, StatsTap
 
-__all__ = ["AbsMax", "ChannelStats", "Hessian", "LayerPlacement", "LayerStep", "MemoryMeter", "RowSample",
+__all__ = ["AbsMax", "ChannelStats", "Hessian", "InputDrift", "LayerPlacement", "LayerStep", "MemoryMeter", "RowSample",
            "SecondMoment", "StatsTap", "capture_layer_inputs", "layer_kwargs", "page_in", "run_layer",
            "walk_layers"]

@@ -35,6 +35,30 @@ class Hessian:
         self.h += x.T @ x
 
 
+class InputDrift:
+    """Running D = 2/n Σ (x - x̃) x̃ᵀ over paired rows: x the full-precision model's input of a linear, x̃ the
+    input the partially quantized model gives it (GPTAQ's dXXᵀ, on the same 2/n scale as `Hessian`, fp64)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.d: torch.Tensor = torch.zeros(dim, dim, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x_fp: torch.Tensor, x_q: torch.Tensor) -> None:
+        x_fp = x_fp.detach().reshape(-1, x_fp.shape[-1]).to(torch.float64)
+        x_q = x_q.detach().reshape(-1, x_q.shape[-1]).to(torch.float64)
+        if x_fp.shape != x_q.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(x_fp.shape)} vs {tuple(x_q.shape)}")
+        m = x_q.shape[0]
+        if m == 0:
+            return
+        if self.n == 0:
+            self.d = torch.zeros(self.dim, self.dim, device=x_q.device, dtype=torch.float64)
+        self.d *= self.n / (self.n + m)
+        self.n += m
+        self.d += (x_fp - x_q).T @ x_q * (2 / self.n)
+
+
 class SecondMoment:
     """Σ = E[x xᵀ] over rows, summed in fp64 on the CPU (the covariance of uncentred inputs)."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from harness.method import CalibContext, Method, MethodParams, load_solved_weights
 from harness.rotation.install import Rotations, install_rotations
@@ -19,7 +19,10 @@ from harness.state import State
 
 
 class RotationParams(MethodParams):
-    weight_solver: Literal["rtn", "gptq"] = "gptq"
+    # gptaq: GPTQ with GPTAQ's asymmetric calibration (the FP model's outputs as target, the quantized
+    # prefix's inputs with the scheme's activation quantizers installed, as its official --enable_aq_calibration)
+    weight_solver: Literal["rtn", "gptq", "gptaq"] = "gptq"
+    gptaq_alpha: float = Field(0.25, ge=0)
     gptq_damp: NonNegativeFloat = 0.01
     gptq_block_size: PositiveInt = 128
     # QuaRot's / SpinQuant's official weight quantizer: `--w_clip` (a per-group clipping search, for GPTQ and
@@ -48,7 +51,12 @@ class RotationMethod(Method):
         # the rotations depend on the data only; GPTQ weights also on the weight format
         if self.params.weight_solver == "rtn":
             return None
-        return {"weight": scheme.weight.to_dict() if getattr(scheme, "weight", None) else None}
+        key = {"weight": scheme.weight.to_dict() if getattr(scheme, "weight", None) else None}
+        if self.params.weight_solver == "gptaq":  # its quantized stream runs the activation / KV quantizers
+            for part in ("activation", "kv"):
+                fmt = getattr(scheme, part, None)
+                key[part] = fmt.to_dict() if fmt is not None else None
+        return key
 
     def calibrate(self, ctx: CalibContext) -> RotationState:
         rot = self.build(ctx).as_float64()
@@ -66,16 +74,25 @@ class RotationMethod(Method):
         """With `weight_solver: gptq` and a weight format: GPTQ weights {parameter name: tensor} of the model
         as `install(model, adapter)` transforms it, solved on a copy (`apply` writes them instead of RTN)."""
         weight_fmt = ctx.scheme.weight
-        if self.params.weight_solver != "gptq" or weight_fmt is None:
+        if self.params.weight_solver == "rtn" or weight_fmt is None:
             return {}
         from harness.gptq import gptq_after_transform
 
+        alpha = None
+        if self.params.weight_solver == "gptaq":
+            alpha, transform, scheme = self.params.gptaq_alpha, install, ctx.scheme
+
+            def install(work, adapter):  # the transform, then the scheme's activation / KV quantizers
+                from harness.quant import apply_scheme
+
+                transform(work, adapter)
+                apply_scheme(work, adapter, scheme, quantize_weights=False)
         weights = gptq_after_transform(ctx.model, install, ctx.calib_inputs(), weight_fmt,
                                        block_size=self.params.gptq_block_size, damp=self.params.gptq_damp,
                                        progress=ctx.progress, mse_clip=self.params.w_clip,
-                                       true_sequential=self.params.gptq_true_sequential)
+                                       true_sequential=self.params.gptq_true_sequential, alpha=alpha)
         meta["gptq"] = {"n_weights": len(weights), "weight_format": weight_fmt.name, "w_clip": self.params.w_clip,
-                        "true_sequential": self.params.gptq_true_sequential}
+                        "true_sequential": self.params.gptq_true_sequential, "gptaq_alpha": alpha}
         return dict(weights)
 
     def install(self, model, adapter, state: RotationState) -> None:
@@ -87,6 +104,11 @@ class RotationMethod(Method):
 
         self.install(model, adapter, state)
         self._metrics = dict(state.meta.get("info", {}).get("metrics", {}))
+        if self.params.weight_solver == "gptaq" and state.weights:
+            # solved on a model with the scheme's wrappers installed: their parameter names, so wrap first
+            apply_scheme(model, adapter, scheme, quantize_weights=False)
+            load_solved_weights(model, state.weights)
+            return model
         solved = load_solved_weights(model, state.weights)
         apply_scheme(model, adapter, scheme, quantize_weights=not solved, weight_rounding=self.weight_rounding())
         return model

@@ -149,3 +149,18 @@ def test_quarot_o_proj_input_sees_the_full_hadamard(family):
     full = torch.kron(hadamard(adapter.num_heads), hadamard(adapter.head_dim)).float()
     torch.testing.assert_close(seen["rot"], seen["fp"] @ full, rtol=1e-4, atol=1e-5)
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_gptaq_solver_at_alpha_zero_equals_gptq_and_at_alpha_quarter_helps_w4a4():
+    """weight_solver gptaq with α = 0 gives the gptq solver's model bit for bit (its wrappers installed
+    first: other parameter names, same numbers); at α = 0.25 under W4A4 the logits move closer to FP."""
+    ref, gptq_model, ids, _ = run("quarot", "llama", {"weight_solver": "gptq"}, scheme="mxfp4_w")
+    _, zero_model, _, _ = run("quarot", "llama", {"weight_solver": "gptaq", "gptaq_alpha": 0.0}, scheme="mxfp4_w")
+    with torch.no_grad():
+        assert torch.equal(gptq_model(ids).logits, zero_model(ids).logits)
+    errors = {}
+    for solver in ("gptq", "gptaq"):
+        _, model, _, _ = run("quarot", "llama", {"weight_solver": solver}, scheme="w4a4")
+        with torch.no_grad():
+            errors[solver] = float(((model(ids).logits - ref) ** 2).mean())
+    assert errors["gptaq"] < errors["gptq"], errors
