@@ -4,6 +4,7 @@ Groups and blocks run along the last dimension. `fmt` is a preset name or a `For
 
     quantize(x, "mxfp4")
     quantize(x, get_format("mxfp4", scale_rounding="ceil"))
+    quantize(x, "nvfp4_4o6")                                   # Four Over Six NVFP4 (adaptive 4/6 block scales)
 
 Arithmetic is fp32; the result has the input's shape and dtype. MX/NV formats use Triton kernels
 on CUDA tensors (identical bits to the torch path, see tests); everything else runs in torch.

@@ -6,6 +6,7 @@ Anything else is an error listing the presets.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from harness.errors import InvalidValueError, UnknownNameError
@@ -16,8 +17,8 @@ def _mx(name: str, element: str, bits: int) -> Format:
     return Format(name, element, bits, granularity="group", group_size=32, scale_type="e8m0", scale_rounding="floor")
 
 
-def _nv(name: str, element: str, bits: int) -> Format:
-    return Format(name, element, bits, granularity="group", group_size=16, scale_type="e4m3")
+def _nv(name: str, element: str, bits: int, four_over_six: str | None = None) -> Format:
+    return Format(name, element, bits, granularity="group", group_size=16, scale_type="e4m3", four_over_six=four_over_six)
 
 
 PRESETS: dict[str, Format] = {
@@ -37,6 +38,7 @@ PRESETS: dict[str, Format] = {
         _mx("mxint8", "int", 8),
         _mx("mxint4", "int", 4),
         _nv("nvfp4", "e2m1", 4),
+        _nv("nvfp4_4o6", "e2m1", 4, four_over_six="mse"),  # Four Over Six (Cook et al. 2025), MSE selection
         _nv("nvint4", "int", 4),
     ]
 }
@@ -67,7 +69,8 @@ def list_formats() -> list[str]:
 def get_format(name: str | Format, **overrides) -> Format:
     """A preset (or pattern-named INT format) with optional field overrides.
 
-    get_format("mxfp4", scale_rounding="ceil"); get_format("int4", clip_ratio=0.9)
+    get_format("mxfp4", scale_rounding="ceil"); get_format("int4", clip_ratio=0.9);
+    get_format("nvfp4", four_over_six="mae")
     """
     if isinstance(name, Format):
         fmt = name
@@ -78,7 +81,8 @@ def get_format(name: str | Format, **overrides) -> Format:
             raise UnknownNameError("format", name, [*PRESETS, "int{b}[_asym][_g{N}|_tensor]"])
     if not overrides:
         return fmt
-    unknown = set(overrides) - set(fmt.to_dict())
+    fields = [f.name for f in dataclasses.fields(Format)]  # not to_dict(): it leaves out unset options
+    unknown = set(overrides) - set(fields)
     if unknown:
-        raise UnknownNameError("format field", sorted(unknown)[0], fmt.to_dict())
+        raise UnknownNameError("format field", sorted(unknown)[0], fields)
     return fmt.with_(**overrides)

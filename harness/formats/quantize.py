@@ -3,6 +3,11 @@
 `quantize(x, fmt)` is the entry point. `compute_params` / `quantize_with_params` split it in two
 so that solvers such as GPTQ can fix a group's scale and then quantize column by column.
 
+Four Over Six (`Format.four_over_six`, NVFP4 only) is decided in `compute_params`, which sees the
+group's values: each block gets the E4M3 scale of candidate "6" (block amax -> 6, the plain NVFP4
+code) or candidate "4" (code of 1.5 x that ratio, block amax -> 4), whichever dequantizes the block
+with the lower error; quantize_with_params then just applies the chosen scale.
+
 Sizes: for group formats the last dimension must be a multiple of the group size; anything else
 is an error rather than silent padding, because padding would change the block statistics.
 """
@@ -14,7 +19,14 @@ import torch
 
 from harness.errors import InvalidValueError
 from harness.formats.elements import round_to_float_element, round_to_int
-from harness.formats.scales import divide, e4m3_block_scale, e8m0_scale, fp32_scale, nv_tensor_scale
+from harness.formats.scales import (
+    FOUR_OVER_SIX_EXPANSION,
+    divide,
+    e4m3_block_scale,
+    e8m0_scale,
+    fp32_scale,
+    nv_tensor_scale,
+)
 from harness.formats.spec import Format
 
 
@@ -60,8 +72,44 @@ def compute_params(x: torch.Tensor, fmt: Format, tensor_amax: torch.Tensor | Non
         tensor_amax = x.abs().amax()
     tensor_scale = nv_tensor_scale(torch.as_tensor(tensor_amax, dtype=torch.float32, device=x.device), fmt)
     tensor_scale = torch.where(tensor_scale == 0, torch.ones_like(tensor_scale), tensor_scale)
-    scale, inv_scale = e4m3_block_scale(divide(amax, fmt.qmax), tensor_scale)
-    return QuantParams(scale, inv_scale=inv_scale)
+    amax_over_qmax = divide(amax, fmt.qmax)
+    scale, inv_scale = e4m3_block_scale(amax_over_qmax, tensor_scale)
+    six = QuantParams(scale, inv_scale=inv_scale)
+    if not fmt.four_over_six:
+        return six
+    scale, inv_scale = e4m3_block_scale(amax_over_qmax, tensor_scale, FOUR_OVER_SIX_EXPANSION)
+    four = QuantParams(scale, inv_scale=inv_scale)
+    err6 = block_error(x, quantize_with_params(x, six, fmt), fmt.four_over_six)
+    err4 = block_error(x, quantize_with_params(x, four, fmt), fmt.four_over_six)
+    pick4 = err4 < err6  # strictly: ties (and NaN groups) keep the plain NVFP4 scale
+    return QuantParams(
+        torch.where(pick4, four.scale, six.scale), inv_scale=torch.where(pick4, four.inv_scale, six.inv_scale)
+    )
+
+
+def block_error(x: torch.Tensor, dequantized: torch.Tensor, metric: str) -> torch.Tensor:
+    """Four Over Six's per-group error ("mse", "mae" or "abs_max") of fp32 `dequantized` against fp32 `x`
+    along the last dim, as float64 [..., 1].
+
+    Defined so that every backend gets the same bits, hence the same 4/6 choice: the differences are
+    taken in fp64 (exact in practice: the two fp32 operands lie within a factor 2^29 of each other,
+    or the dequantized value is 0), squares rounded to fp64, and sums accumulated left to right
+    (torch.sum's order is unspecified and differs from a Triton tl.sum). The kernel does the same
+    operations in the same order and is compiled without FMA contraction; inductor's CPU build uses
+    -ffp-contract=off (the compiled backend's agreement is tested on CPU only). Against exact arithmetic
+    the errors are off by ~1e-16 relative, so only near-exact ties could be decided otherwise than by
+    the exact comparison, and identically in every backend. (The official reference sums fp32 errors
+    with torch.sum, whose order is backend-dependent; its choices can differ from these only where the
+    two errors agree to within fp32 rounding.)
+    """
+    e = dequantized.double() - x.double()
+    if metric == "abs_max":
+        return e.abs().amax(dim=-1, keepdim=True)  # exact; NaN propagates
+    terms = e * e if metric == "mse" else e.abs()
+    err = terms[..., :1]
+    for j in range(1, terms.shape[-1]):
+        err = err + terms[..., j : j + 1]
+    return err
 
 
 def quantize_with_params(x: torch.Tensor, params: QuantParams, fmt: Format) -> torch.Tensor:

@@ -8,12 +8,23 @@ element's largest magnitude, emax_elem = floor(log2 qmax):
   rceil : 2^ceil(log2(fl32(amax / qmax)))    as hardware does it (fp32 division, then round up:
                                              NVIDIA cvt.rp.ue8m0 / torchao RCEIL); equals ceil except
                                              when the fp32 quotient rounds down onto a power of two
+  floor43: fl32(2^(floor(log2 amax) - emax_elem) / 0.75)
+                                             IST-DASLab FP-Quant's MXFP4 rule (MR-GPTQ): the floor
+                                             exponent times a fixed global scale 4/3, so amax/scale is
+                                             in [3, 6) for e2m1 and no element ever saturates (for every
+                                             element type amax/scale < 1.5 * 2^emax_elem <= qmax). Not a
+                                             power of two: elements are divided by it (fp32, correctly
+                                             rounded), then rounded onto the grid.
 Exponents are clamped to the E8M0 range [-127, 127]. Every rule is computed with exact integer and
 fp32 logic (no log2 approximations), so the torch path and the Triton kernels agree bit for bit.
 
 Non-finite inputs: a group whose amax is NaN or Inf gets a NaN scale, so the whole group
 dequantizes to NaN (the OCP MX behaviour: the shared scale becomes the NaN encoding).
 All-zero groups get scale 1 and dequantize to exact zeros.
+
+E4M3 (NVFP4 / NVINT4): an fp32 per-tensor scale s_t = amax_tensor / (qmax * 448) and per-block E4M3
+codes (see e4m3_block_scale). With Four Over Six the cap is 256 instead of 448, which leaves the
+block codes room for the 4-candidate (amax mapped to 4: code x 1.5) without overflowing E4M3.
 """
 from __future__ import annotations
 
@@ -25,6 +36,9 @@ from harness.formats.elements import round_to_float_element
 from harness.formats.spec import E8M0_MAX_EXP, E8M0_MIN_EXP, FLOAT_ELEMENTS, Format
 
 E4M3_MAX = FLOAT_ELEMENTS["e4m3"].max_normal
+FOUR_OVER_SIX_E4M3_MAX = 256.0  # the official reference's E4M3_MAX_FOUROVERSIX
+FOUR_OVER_SIX_EXPANSION = 1.5  # candidate "4": block amax maps to 4 = 6 / 1.5 (official scale_expansion_factor)
+FLOOR43_DIVISOR = 0.75  # floor43: scale = 2^k / 0.75
 
 
 def floor_log2(a: torch.Tensor) -> torch.Tensor:
@@ -55,7 +69,7 @@ def e8m0_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     qmax = fmt.qmax
     rule = fmt.scale_rounding
     f = floor_log2(amax)
-    if rule == "floor":
+    if rule in ("floor", "floor43"):
         exponent = f - fmt.emax_elem
     elif rule == "rceil":
         ratio = divide(amax, qmax)  # fp32, round-to-nearest: the hardware's quotient
@@ -77,32 +91,43 @@ def e8m0_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def e8m0_scale(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Power-of-two scales (fp32) from group amax; NaN for non-finite amax, 1 for zero groups."""
+    """E8M0 scales (fp32) from group amax; NaN for non-finite amax, 1 for zero groups. Powers of two,
+    except for floor43 (a power of two divided by 0.75 in fp32)."""
     finite = torch.isfinite(amax)
     positive = finite & (amax > 0)
     safe = torch.where(positive, amax, torch.ones_like(amax))
     scale = _pow2(e8m0_exponent(safe, fmt))
+    if fmt.scale_rounding == "floor43":
+        scale = divide(scale, FLOOR43_DIVISOR)
     scale = torch.where(positive, scale, torch.ones_like(scale))
     return torch.where(finite, scale, torch.full_like(scale, math.nan))
 
 
 def nv_tensor_scale(tensor_amax: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Second-level fp32 scale of NVFP4/NVINT4: amax / (qmax * 448), so block scales fit E4M3."""
-    return divide(tensor_amax.float(), fmt.qmax * E4M3_MAX)
+    """Second-level fp32 scale of NVFP4/NVINT4: amax / (qmax * 448), so block scales fit E4M3
+    (amax / (qmax * 256) with Four Over Six, so that 1.5 x the largest block code still fits)."""
+    cap = FOUR_OVER_SIX_E4M3_MAX if fmt.four_over_six else E4M3_MAX
+    return divide(tensor_amax.float(), fmt.qmax * cap)
 
 
 E4M3_MIN_NORMAL = 2.0**-6
 
 
-def e4m3_block_scale(amax_over_qmax: torch.Tensor, tensor_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def e4m3_block_scale(
+    amax_over_qmax: torch.Tensor, tensor_scale: torch.Tensor, expansion: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 block scales, with the numerics of torchao's NVFP4 (which match NVIDIA's kernels).
 
     code = e4m3(clamp((amax/qmax) / s_t, 2^-6, 448)) (RNE; the lower clamp keeps every code at least
     E4M3's smallest normal, so no block gets a zero scale); elements are quantized by multiplying
     with inv = (1/s_t)/code and dequantized by multiplying with code * s_t.
+    expansion: the fp32 ratio is multiplied by it before the clamp (1.5: Four Over Six's 4-candidate).
     Returns (scale, inv_scale).
     """
-    ratio = torch.clamp(amax_over_qmax / tensor_scale, E4M3_MIN_NORMAL, E4M3_MAX)
+    ratio = amax_over_qmax / tensor_scale
+    if expansion != 1.0:
+        ratio = ratio * expansion
+    ratio = torch.clamp(ratio, E4M3_MIN_NORMAL, E4M3_MAX)
     code = round_to_float_element(ratio, "e4m3")
     inv_scale = (torch.ones_like(tensor_scale) / tensor_scale) / code
     return code * tensor_scale, inv_scale

@@ -43,7 +43,8 @@ FLOAT_ELEMENTS = {
 }
 ELEMENT_TYPES = ("int", *FLOAT_ELEMENTS)
 SCALE_TYPES = ("fp32", "e8m0", "e4m3")
-SCALE_ROUNDINGS = ("floor", "ceil", "round", "rceil")
+SCALE_ROUNDINGS = ("floor", "ceil", "round", "rceil", "floor43")
+FOUR_OVER_SIX_RULES = ("mse", "mae", "abs_max")
 GRANULARITIES = ("tensor", "row", "group")
 
 # E8M0 shared scales cover 2^-127 .. 2^127 (0xFF is NaN).
@@ -58,10 +59,17 @@ class Format:
         activations, per-output-channel for [out, in] weights) or "group" (`group_size` consecutive
         elements of the last dim share a scale; MX blocks are groups of 32, NV blocks groups of 16).
     scale_type: "fp32" (amax / qmax), "e8m0" (power-of-two shared exponent, OCP MX) or "e4m3"
-        (NVFP4-style: FP8 E4M3 block scale times an fp32 per-tensor scale amax / (qmax * 448)).
+        (NVFP4-style: FP8 E4M3 block scale times an fp32 per-tensor scale amax / (qmax * 448);
+        amax / (qmax * 256) with four_over_six).
     scale_rounding: how an E8M0 exponent is chosen from the group's amax (see scales.py):
-        floor (OCP spec), ceil (never clips), round, rceil (fp32 amax/qmax rounded up).
+        floor (OCP spec), ceil (never clips), round, rceil (fp32 amax/qmax rounded up), floor43
+        (FP-Quant's MXFP4 rule: the floor exponent's power of two divided by 0.75, so amax/scale lies
+        in [3, 6) for e2m1 and nothing saturates).
     clip_ratio: the group's amax (or min/max) is multiplied by this before the scale is chosen.
+    four_over_six: None, or Four Over Six (Cook et al. 2025) adaptive block scaling for NVFP4: each
+        block tries its amax mapped to 6 and to 4 and keeps the scale with the lower error, measured
+        as "mse" (sum of squares), "mae" (sum of |error|) or "abs_max" (max |error|); the per-tensor
+        scale then uses an E4M3 cap of 256 instead of 448 (see quantize.py).
     """
 
     name: str
@@ -73,6 +81,7 @@ class Format:
     scale_type: str = "fp32"
     scale_rounding: str = "floor"
     clip_ratio: float = 1.0
+    four_over_six: str | None = None
 
     def __post_init__(self) -> None:
         if self.element not in ELEMENT_TYPES:
@@ -94,6 +103,15 @@ class Format:
             raise InvalidValueError("scale_type", self.scale_type, ", ".join(SCALE_TYPES))
         if self.scale_rounding not in SCALE_ROUNDINGS:
             raise InvalidValueError("scale_rounding", self.scale_rounding, ", ".join(SCALE_ROUNDINGS))
+        if self.four_over_six is not None:
+            if self.four_over_six not in FOUR_OVER_SIX_RULES:
+                raise InvalidValueError("four_over_six", self.four_over_six, ", ".join(["None", *FOUR_OVER_SIX_RULES]))
+            if self.scale_type != "e4m3" or self.element != "e2m1":
+                raise InvalidValueError(
+                    f"four_over_six for {self.element} elements with {self.scale_type} scales",
+                    self.four_over_six,
+                    "None (Four Over Six needs NVFP4: e2m1 elements with e4m3 block scales)",
+                )
         if not 0.0 < self.clip_ratio <= 1.0:
             raise InvalidValueError("clip_ratio", self.clip_ratio, "0 < clip_ratio <= 1")
         if not self.symmetric and (self.element != "int" or self.scale_type != "fp32"):
@@ -138,5 +156,9 @@ class Format:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        """Every field that changes a number, for run records and hashes."""
-        return dataclasses.asdict(self)
+        """Every field that changes a number, for run records and hashes. four_over_six is left out when
+        None, so the records (and hashes) of formats from before the field existed stay as they were."""
+        fields = dataclasses.asdict(self)
+        if fields["four_over_six"] is None:
+            del fields["four_over_six"]
+        return fields

@@ -5,19 +5,11 @@ import copy
 
 import pytest
 import torch
-from test_gptq import layer_outputs, mse, text_windows, tiny_lm
+from test_gptq import layer_outputs, mse, one_thread, text_windows, tiny_lm  # noqa: F401 (autouse fixture)
 
 from harness.calib import Hessian, InputDrift
 from harness.gptq import gptq_quantize_model, gptq_quantize_weight
 from harness.quant import apply_scheme
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def drifted_problem(d=128, out=48, n=4096, seed=0):

@@ -13,7 +13,8 @@ from harness.formats.scales import nv_tensor_scale
 from harness.formats.spec import Format
 
 ROWS_PER_PROGRAM = 64
-_RULES = {"floor": 0, "ceil": 1, "round": 2, "rceil": 3}
+_RULES = {"floor": 0, "ceil": 1, "round": 2, "rceil": 3, "floor43": 4}
+_FOUR_OVER_SIX = {None: 0, "mse": 1, "mae": 2, "abs_max": 3}
 
 
 def supports(fmt: Format) -> bool:
@@ -48,7 +49,7 @@ def quantize_triton(x: torch.Tensor, fmt: Format, rows_per_program: int = ROWS_P
     # kernel writes fp32 and torch casts (on GPUs the store itself rounds correctly).
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     out = torch.empty_like(blocks, dtype=torch.float32 if interpreted else blocks.dtype)
-    if fmt.scale_type == "e4m3":
+    if fmt.scale_type == "e4m3":  # (with Four Over Six nv_tensor_scale caps the codes at 256)
         tensor_scale = nv_tensor_scale(blocks.float().abs().amax(), fmt)
         tensor_scale = torch.where(tensor_scale == 0, torch.ones_like(tensor_scale), tensor_scale)
     else:
@@ -72,6 +73,8 @@ def quantize_triton(x: torch.Tensor, fmt: Format, rows_per_program: int = ROWS_P
         CLIP=fmt.clip_ratio,
         SCALE_KIND=0 if fmt.scale_type == "e8m0" else 1,
         RULE=_RULES[fmt.scale_rounding],
+        FOUR_OVER_SIX=_FOUR_OVER_SIX[fmt.four_over_six],
+        enable_fp_fusion=False,  # no FMA contraction: Four Over Six's error sums must round as in torch
     )
     return out.reshape(x.shape).to(x.dtype)
 

@@ -4,6 +4,12 @@ Each program handles ROWS blocks as a [ROWS, BLOCK] tile. The arithmetic mirrors
 step by step (same fp32 operations, exact exponent logic from the IEEE bit fields, RNE via the
 1.5*2^23 trick, correctly rounded division via div_rn), so both give identical bits. Non-finite
 blocks are detected explicitly (tl.max does not promise NaN propagation) and become NaN.
+
+Four Over Six (NV branch, FOUR_OVER_SIX > 0) quantizes each block with both candidate scales and
+keeps the one with the lower error, computed as harness.formats.quantize.block_error does: fp64
+differences, fp64 sums left to right (one column at a time, not tl.sum's tree order). The wrapper
+launches with enable_fp_fusion=False so no multiply-add is contracted into an FMA on GPUs; the
+other formats' arithmetic is unchanged by that (their products before additions are exact).
 """
 from __future__ import annotations
 
@@ -55,9 +61,9 @@ def _round_int_element(y, QMAX: tl.constexpr):
 
 @triton.jit
 def _e8m0_exponent(amax, QMAX: tl.constexpr, EMAX_ELEM: tl.constexpr, RULE: tl.constexpr):
-    """Shared exponent; RULE 0 floor, 1 ceil, 2 round, 3 rceil (see scales.py for definitions)."""
+    """Shared exponent; RULE 0 floor, 1 ceil, 2 round, 3 rceil, 4 floor43 (see scales.py for definitions)."""
     f = _floor_log2(amax)
-    if RULE == 0:
+    if RULE == 0 or RULE == 4:
         e = f - EMAX_ELEM
     elif RULE == 3:
         ratio = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
@@ -78,6 +84,30 @@ def _e8m0_exponent(amax, QMAX: tl.constexpr, EMAX_ELEM: tl.constexpr, RULE: tl.c
 
 
 @triton.jit
+def _nv_candidate(ratio, s_t, tensor_scale):
+    """E4M3 block code from the fp32 ratio (clamped to E4M3's smallest normal .. max): (scale, inv_scale)."""
+    ratio = tl.minimum(tl.maximum(ratio, 0.015625), 448.0)
+    code = _round_float_element(ratio, 3, -6, 448.0)
+    inv_scale = tl.math.div_rn(tl.math.div_rn(tl.full(ratio.shape, 1.0, tl.float32), s_t), code)
+    return code * tensor_scale, inv_scale
+
+
+@triton.jit
+def _block_error(x, inv_scale, scale, cols, BLOCK: tl.constexpr, METRIC: tl.constexpr):
+    """Per-row error of the e2m1 block quantized with (inv_scale, scale); METRIC 1 mse, 2 mae, 3 abs_max."""
+    d = _round_float_element(x * inv_scale[:, None], 1, 0, 6.0) * scale[:, None]
+    e = tl.abs(d.to(tl.float64) - x.to(tl.float64))
+    if METRIC == 3:
+        return tl.max(e, axis=1)
+    if METRIC == 1:
+        e = e * e
+    err = tl.zeros(scale.shape, tl.float64)
+    for j in tl.static_range(BLOCK):  # left to right, as the torch path (a masked sum is exact: one term)
+        err = err + tl.sum(tl.where(cols[None, :] == j, e, 0.0), axis=1)
+    return err
+
+
+@triton.jit
 def block_fake_quant_kernel(
     x_ptr,
     out_ptr,
@@ -93,6 +123,7 @@ def block_fake_quant_kernel(
     CLIP: tl.constexpr,
     SCALE_KIND: tl.constexpr,  # 0: E8M0 power of two, 1: E4M3 block scale x fp32 tensor scale
     RULE: tl.constexpr,
+    FOUR_OVER_SIX: tl.constexpr,  # 0 off, 1 mse, 2 mae, 3 abs_max (NV e2m1 only)
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -109,16 +140,25 @@ def block_fake_quant_kernel(
     if SCALE_KIND == 0:
         safe_amax = tl.where(positive & (~nonfinite), amax, 1.0)
         e = tl.where(positive, _e8m0_exponent(safe_amax, QMAX, EMAX_ELEM, RULE), 0)
-        scale = _pow2(e)
-        y = x * _pow2(-e)[:, None]  # exact: same value as x / scale
+        if RULE == 4:
+            # floor43: 2^e / 0.75 is not a power of two, so divide (correctly rounded) as the torch path
+            scale = tl.where(positive, tl.math.div_rn(_pow2(e), tl.full(amax.shape, 0.75, tl.float32)), 1.0)
+            y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+        else:
+            scale = _pow2(e)
+            y = x * _pow2(-e)[:, None]  # exact: same value as x / scale
     else:
         tensor_scale = tl.load(tensor_scale_ptr)
         s_t = tl.full(amax.shape, 1.0, tl.float32) * tensor_scale
         ratio = tl.math.div_rn(tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), s_t)
-        ratio = tl.minimum(tl.maximum(ratio, 0.015625), 448.0)  # E4M3 smallest normal .. max
-        code = _round_float_element(ratio, 3, -6, 448.0)
-        scale = code * tensor_scale
-        inv_scale = tl.math.div_rn(tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), s_t), code)
+        scale, inv_scale = _nv_candidate(ratio, s_t, tensor_scale)
+        if FOUR_OVER_SIX > 0:
+            scale4, inv_scale4 = _nv_candidate(ratio * 1.5, s_t, tensor_scale)
+            err6 = _block_error(x, inv_scale, scale, cols, BLOCK, FOUR_OVER_SIX)
+            err4 = _block_error(x, inv_scale4, scale4, cols, BLOCK, FOUR_OVER_SIX)
+            pick4 = err4 < err6  # strictly: ties keep the 6-candidate
+            scale = tl.where(pick4, scale4, scale)
+            inv_scale = tl.where(pick4, inv_scale4, inv_scale)
         y = x * inv_scale[:, None]
 
     if IS_INT:
