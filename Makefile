@@ -14,12 +14,13 @@ SPEC ?= experiments/smoke.yaml
 PTQBENCH_DATA_DIR ?= $(if $(wildcard ../shared/data/README.md),$(abspath ../shared/data),)
 export PTQBENCH_DATA_DIR
 
-.PHONY: help setup test test-unit bench smoke reproduce-paper leaderboard examples clean
+.PHONY: help setup test test-unit bench gpu-check smoke reproduce-paper leaderboard examples clean
 
 help:
 	@echo "make setup            create $(VENV) and install ptqbench (CPU torch pinned)"
 	@echo "make test             run the test suite (unit + SmolLM2 integration)"
 	@echo "make bench            run the benchmarks, JSON under results/bench/"
+	@echo "make gpu-check        on a CUDA machine: kernel bits vs the CPU, throughput, GPTQ (results/bench/gpu_check.json)"
 	@echo "make smoke            run $(SPEC) at smoke scale"
 	@echo "make reproduce-paper PAPER=torq [SCALE=smoke|full]"
 	@echo "make leaderboard [RESULTS=dir]   tables (md/html/tex), plots and dashboard from recorded runs"
@@ -48,6 +49,9 @@ bench: setup
 	$(PY) benchmarks/bench_formats.py
 	@for b in benchmarks/bench_ppl.py benchmarks/bench_gptq.py; do \
 		if [ -f $$b ]; then $(PY) $$b || exit 1; fi; done
+
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 smoke: setup
 	$(VENV)/bin/ptqbench run $(SPEC) --scale $(SCALE)
