@@ -68,3 +68,30 @@ def test_full_recipe_beats_rtn_and_plain_gptq_on_mxfp4_weights():
     full, state = run({}, "mxfp4_w")
     assert all(site.weight is not None for sites in state.layers for site in sites.values())
     assert full < gptq < rtn, (full, gptq, rtn)
+
+
+@pytest.mark.parametrize("fmt_name", ["mxfp4", "nvfp4", "int4_g128", "int4_asym_g128", "nvfp4_4o6"])
+def test_pruned_scale_search_equals_scoring_every_shrink(fmt_name):
+    """The search scores only the groups whose params moved; scoring every group at every shrink (naively,
+    here) must choose the same params."""
+    from harness.formats import compute_params, quantize_with_params
+    from harness.formats import QuantParams
+    from harness.gptq import _params
+
+    fmt = get_format(fmt_name)
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * torch.rand(256) * 3
+    x = w.reshape(-1, fmt.group_size)
+    amax = w.abs().amax() if fmt.scale_type == "e4m3" else None
+    best_p = compute_params(x, fmt, amax)
+    best = (quantize_with_params(x, best_p, fmt) - x).abs().pow(MSE_NORM).sum(-1, keepdim=True)
+    for shrink in FPQUANT_SHRINKS[1:]:
+        p = compute_params(x, fmt.with_(clip_ratio=shrink), amax)
+        err = (quantize_with_params(x, p, fmt) - x).abs().pow(MSE_NORM).sum(-1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_p = QuantParams(*(None if a is None else torch.where(better, b, a)
+                               for a, b in ((best_p.scale, p.scale), (best_p.zero, p.zero),
+                                            (best_p.inv_scale, p.inv_scale))))
+    got = _params(x, fmt, amax, True, FPQUANT_SHRINKS)
+    for a, b in ((got.scale, best_p.scale), (got.zero, best_p.zero), (got.inv_scale, best_p.inv_scale)):
+        assert (a is None and b is None) or torch.equal(a, b)
