@@ -247,6 +247,8 @@ def _compare(left: Estimate, right: Estimate, op: type, tolerance: float) -> tup
         text += f": ratio {left.mean / right.mean:.4g} ({ratio.low:.4g}-{ratio.high:.4g}{'' if paired else ', unpaired'})"
     if margin.low == margin.high:
         text += " (point values: no per-window data or spread recorded)"
+    if left.diverged and right.diverged:  # two collapsed models: which collapsed further says nothing
+        return INCONCLUSIVE, record, text + " (both sides diverged)"
     if margin.low > band:
         return REPRODUCED, record, text
     if margin.high < -band:

@@ -93,7 +93,7 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
 LEGEND = ("Verdicts at 95%: *reproduced* when the claim holds over the whole bootstrap interval of the compared "
           "quantity, *contradicted* when its opposite does, *inconclusive* when the interval straddles the boundary; "
           "*not run* when a run is missing or failed (a diverged run, whose perplexity was recorded, counts with its "
-          "value, marked \"(diverged)\"). Perplexities are resampled over their evaluation windows (2000 resamples, "
+          "value, marked \"(diverged)\"; a comparison of two diverged runs is inconclusive). Perplexities are resampled over their evaluation windows (2000 resamples, "
           "the same for every run on the same windows, so comparisons are paired) and over seed runs; brackets are "
           "95% intervals. Claims are marked by origin: the paper's claim, a baseline check, or our hypothesis. "
           "Smoke-scale verdicts come from small models and short evaluations: they test the pipeline and the "

@@ -91,6 +91,16 @@ def test_a_diverged_run_counts_with_its_value_and_is_flagged():
     assert other.verdict == NOT_RUN and "NaN logits" in other.detail
 
 
+def test_two_diverged_runs_are_inconclusive_whichever_collapsed_further():
+    diverged = "[eval] RunFailure: diverged: ppl={} on wikitext2 exceeds 10000"
+    df = results([
+        {"method": "quarot", "scheme": "w4a4", "value": 5.0e7, "status": "failed", "error": diverged.format("5e7")},
+        {"method": "rtn", "scheme": "w4a4", "value": 6.0e8, "status": "failed", "error": diverged.format("6e8")},
+    ])
+    r = evaluate_claim("ppl(quarot, w4a4) < ppl(rtn, w4a4)", ResultLookup(df, default_ppl_task="wikitext2"))
+    assert r.verdict == INCONCLUSIVE and "both sides diverged" in r.detail
+
+
 @pytest.mark.parametrize("check", ["ppl(rtn mxfp4) <", "__import__('os')", "ppl(rtn, mxfp4) == 3", "foo(rtn, mxfp4) < 1"])
 def test_bad_claims_raise_one_line_errors(lookup, check):
     with pytest.raises(ClaimError) as err:
