@@ -17,7 +17,14 @@ import torch
 import harness
 from harness.formats import get_format, quantize
 
-FORMATS = ["mxfp4", "nvfp4", "int4"]  # int4 = symmetric, one scale per row (per token)
+# (label, format name, overrides); int4 = symmetric, one scale per row (per token)
+FORMATS = [
+    ("mxfp4", "mxfp4", {}),
+    ("mxfp4 floor43", "mxfp4", {"scale_rounding": "floor43"}),  # FP-Quant's E8M0 rule (MR-GPTQ)
+    ("nvfp4", "nvfp4", {}),
+    ("nvfp4_4o6", "nvfp4_4o6", {}),  # Four Over Six: two candidate codes per block, the lower-MSE one kept
+    ("int4", "int4", {}),
+]
 
 
 def best_time(fn, repeats: int) -> float:
@@ -67,8 +74,8 @@ def main() -> None:
         print(f"{name:28s} {seconds * 1e3:9.2f} ms  {rows[name]['GB_per_s']:7.2f} GB/s", flush=True)
 
     record("copy", lambda: x.clone())
-    for name in FORMATS:
-        fmt = get_format(name)
+    for name, base, overrides in FORMATS:
+        fmt = get_format(base, **overrides)
         record(f"{name} (torch eager)", lambda fmt=fmt: quantize(x, fmt, backend="torch"))
         record(f"{name} (torch.compile)", lambda fmt=fmt: quantize(x, fmt, backend="compiled"))
         if device == "cuda":
