@@ -14,7 +14,7 @@ SPEC ?= experiments/smoke.yaml
 PTQBENCH_DATA_DIR ?= $(if $(wildcard ../shared/data/README.md),$(abspath ../shared/data),)
 export PTQBENCH_DATA_DIR
 
-.PHONY: help setup test test-unit bench gpu-check smoke reproduce-paper leaderboard examples clean
+.PHONY: help setup test test-unit bench gpu-check smoke reproduce-paper leaderboard export examples clean
 
 help:
 	@echo "make setup            create $(VENV) and install ptqbench (CPU torch pinned)"
@@ -24,6 +24,7 @@ help:
 	@echo "make smoke            run $(SPEC) at smoke scale"
 	@echo "make reproduce-paper PAPER=torq [SCALE=smoke|full]"
 	@echo "make leaderboard [RESULTS=dir]   tables (md/html/tex), plots and dashboard from recorded runs"
+	@echo "make export RUN=<run id> [OUT=dir] [RESULTS=dir] [ARGS=--fake]   a run's model as a compressed-tensors checkpoint"
 	@echo "make examples         regenerate results/examples (smoke + eight_bit records, every paper's smoke report; hours on 2 cores)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -66,6 +67,11 @@ reproduce-paper: setup
 # Markdown/HTML/LaTeX leaderboards, plots and the HTML dashboard from the results store
 leaderboard: setup
 	$(VENV)/bin/ptqbench site $(if $(RESULTS),--results-dir $(RESULTS),)
+
+# A run's quantized model as a servable checkpoint (compressed-tensors), checked bit for bit against the run
+export: setup
+	@if [ -z "$(RUN)" ]; then echo "usage: make export RUN=<run id> [OUT=dir] [RESULTS=dir] [ARGS='--fake|--allow-inexact']"; exit 2; fi
+	$(VENV)/bin/ptqbench export-model $(RUN) $(or $(OUT),exports/$(RUN)) $(if $(RESULTS),--results-dir $(RESULTS),) $(ARGS)
 
 clean:
 	rm -rf results/runs results/cache results/site .pytest_cache

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from harness.errors import PtqbenchError, UnknownNameError
 
@@ -92,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the tidy results table to parquet")
     export.add_argument("out")
     export.add_argument("--results-dir", default=None)
+
+    model = sub.add_parser("export-model", help="write a run's quantized model as a servable checkpoint "
+                                                "(compressed-tensors), checked bit for bit against what was evaluated")
+    model.add_argument("run_id", help="a run id (a unique prefix is enough)")
+    model.add_argument("out_dir", help="the checkpoint directory (new or empty)")
+    model.add_argument("--format", default="compressed-tensors", dest="export_format")
+    model.add_argument("--results-dir", default=None)
+    model.add_argument("--fake", action="store_true", help="write the dequantized weights (online transforms folded "
+                                                           "in, activation / KV quantization dropped)")
+    model.add_argument("--allow-inexact", action="store_true",
+                       help="export formats whose compressed-tensors form does not dequantize bit for bit (NVFP4)")
+    model.add_argument("--allow-code-change", action="store_true",
+                       help="rebuild even if the code has changed since the run was recorded")
+    model.add_argument("--no-verify", action="store_true", help="skip reloading the checkpoint to compare weights")
+    model.add_argument("--device", default=None, help="rebuild on this device (default: the run's)")
     return p
 
 
@@ -347,6 +363,27 @@ def _cmd_export(args) -> None:
     print(export_parquet(args.out, args.results_dir))
 
 
+def _cmd_export_model(args) -> None:
+    from harness.export import METADATA, export_model
+
+    meta = export_model(args.run_id, args.out_dir, args.results_dir, fmt=args.export_format, fake=args.fake,
+                        allow_inexact=args.allow_inexact, allow_code_change=args.allow_code_change,
+                        verify=not args.no_verify, device=args.device)
+    record = meta["record"]
+    metric = record.get("main_metric")
+    value = (record.get("metrics") or {}).get(metric) if metric else None
+    print(f"{meta['run_id']}: {record['model']} | {record['method_label']} | {record['scheme']} "
+          f"({record['task']} {metric}={value}) -> {args.out_dir} as {meta['export_format']}; "
+          f"calibration: {meta['calibration']}")
+    check = meta.get("verification")
+    if check:
+        print(f"reloaded with {check['loader']}: {check['bit_identical']}/{check['tensors_compared']} tensors bit-identical"
+              + (f", max |diff| {check['max_abs_diff']:.3g}" if check["max_abs_diff"] else ""))
+    for item in meta["dropped"]:
+        print(f"dropped: {item}")
+    print(f"metadata: {Path(args.out_dir) / METADATA}")
+
+
 def _format_warning(message, category, filename, lineno, line=None, _default=None):
     from harness.store import StoreWarning
 
@@ -395,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_table(args)
         elif args.command == "export":
             _cmd_export(args)
+        elif args.command == "export-model":
+            _cmd_export_model(args)
         elif args.command == "cache":
             _cmd_cache(args)
         elif args.command == "reproduce":
