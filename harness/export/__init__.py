@@ -63,7 +63,8 @@ def _fold_online(model: torch.nn.Module, inv: Inventory) -> list[str]:
 def _blockers(inv: Inventory) -> list[str]:
     out = []
     if inv.online:
-        out.append(f"online input transforms on {len(inv.online)} linears ({', '.join(inv.online[:2])}, ...)")
+        more = ", ..." if len(inv.online) > 2 else ""
+        out.append(f"online input transforms on {len(inv.online)} linears ({', '.join(inv.online[:2])}{more})")
     if inv.qk_rotations:
         out.append(f"an online Q/K rotation (R3) in {len(inv.qk_rotations)} attention modules")
     if inv.kv:
@@ -145,14 +146,15 @@ def export_model(run_id: str, out_dir: str | Path, results_dir: str | Path | Non
                  fmt: str = "compressed-tensors", fake: bool = False, allow_inexact: bool = False,
                  allow_code_change: bool = False, verify: bool = True, device: str | None = None) -> dict[str, Any]:
     """Export one recorded run; returns the metadata written next to the checkpoint."""
-    from harness.store import Store
+    from harness.store import Store, is_diverged
 
     if fmt not in FORMATS:
         raise PtqbenchError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     store = Store(results_dir)
     record = store.find(run_id)
-    if record.get("status") != "done":
-        raise PtqbenchError(f"run {record['run_id']} is {record.get('status')!r}, not done: nothing to export")
+    if record.get("status") != "done" and not is_diverged(record):  # a diverged run was measured: it exports
+        raise PtqbenchError(f"run {record['run_id']} is {record.get('status')!r} ({record.get('error')}): "
+                            f"it was never measured, nothing to export")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PtqbenchError(f"export directory {out_dir} exists and is not empty")
@@ -165,7 +167,7 @@ def export_model(run_id: str, out_dir: str | Path, results_dir: str | Path | Non
     if scheme is not None and scheme.embeddings and wfmt is not None and not fake:
         raise UnsupportedExport("quantized embeddings have no compressed-tensors form here; use --fake")
 
-    native = restore_native_modules(model, built.adapter)
+    native, norm_change = restore_native_modules(model, allow_inexact)
     inv.foreign = [f for f in inv.foreign if f.split(" ")[0] not in native]
     blockers = _blockers(inv)
     dropped: list[str] = []
@@ -208,6 +210,7 @@ def export_model(run_id: str, out_dir: str | Path, results_dir: str | Path | Non
         "weights": {"format": sorted({i.fmt.name for i in items}) or ([wfmt.name] if wfmt else []),
                     "linears": len(items) if items else len([q for q in inv.linears if q.weight_format]),
                     "inexact_blocks": sum(i.inexact_blocks for i in items)},
+        "native_modules_restored": len(native), "norm_gain_max_rel_change": norm_change,
         "activations": sorted(a.name for a in acts), "folded_online_transforms": folded, "dropped": dropped,
         "quantization_config": qconfig, "versions": _versions(),
     }

@@ -207,3 +207,39 @@ def test_formats_without_a_compressed_tensors_scheme_say_why():
     for name in ("nvint4", "mxfp6_e2m3", "fp8_e5m2", "mxint8"):
         with pytest.raises(UnsupportedExport, match=name):
             weight_args(get_format(name))
+
+
+GEMMA_SPEC = """
+name: export_gemma
+models: [tiny-gemma3]
+methods: [rtn, smoothquant]
+schemes: [mxfp4_w, w8a8]
+tasks: [wikitext2]
+ppl: {seqlen: 32, max_windows: 1}
+calib: {corpus: c4, n: 4, seqlen: 32}
+exclude:
+  - {method: rtn, scheme: w8a8}
+  - {method: smoothquant, scheme: mxfp4_w}
+"""
+
+
+def test_gemma_exports_and_its_folded_norms_go_back_to_the_models_own_class(tmp_path):
+    (tmp_path / "spec.yaml").write_text(GEMMA_SPEC)
+    store = Store(tmp_path / "results")
+    run_matrix(load_spec(tmp_path / "spec.yaml").cells(), store)  # random tiny Gemma: ppl > 1e4, recorded diverged
+    by_method = {r["method"]: r for r in store.records()}
+    meta = export_model(by_method["rtn"]["run_id"], tmp_path / "rtn", tmp_path / "results")
+    # the adapter holds every Gemma norm as UnitOffsetRMSNorm (2 layers x 4 + q/k norms + the final norm)
+    assert meta["verification"]["max_abs_diff"] == 0 and meta["native_modules_restored"] == 13
+    assert meta["norm_gain_max_rel_change"] == 0
+    built = rebuild(by_method["rtn"], store)
+    assert torch.equal(_logits(load_dequantized(tmp_path / "rtn"), IDS), _logits(built.model, IDS))
+    # SmoothQuant folds its scales into Gemma's (1 + w) norms, held as UnitOffsetRMSNorm; some gains are small
+    run_id = by_method["smoothquant"]["run_id"]
+    with pytest.raises(PtqbenchError, match="--allow-inexact"):
+        export_model(run_id, tmp_path / "sq", tmp_path / "results")
+    meta = export_model(run_id, tmp_path / "sq2", tmp_path / "results", allow_inexact=True)
+    assert meta["native_modules_restored"] > 0 and 0 < meta["norm_gain_max_rel_change"] < 1e-5
+    loaded = load_dequantized(tmp_path / "sq2")
+    norm = type(loaded.model.layers[0].input_layernorm).__name__
+    assert norm == "Gemma3RMSNorm"
