@@ -18,8 +18,11 @@ quantization are dropped (listed in the metadata), so any run exports as its wei
 """
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import platform
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 
 from harness.errors import PtqbenchError
-from harness.export.compressed import UnsupportedExport, factor_linears, load_dequantized, write_checkpoint
+from harness.export.compressed import UnsupportedExport, check_exportable, load_dequantized, write_checkpoint
 from harness.export.inspect import Inventory, inventory
 from harness.export.native import restore_native_modules
 from harness.export.rebuild import rebuild
@@ -117,21 +120,28 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _verify(out_dir: Path, reference: dict[str, torch.Tensor], quantized: set[str]) -> dict[str, Any]:
-    """Reload through transformers (+ compressed-tensors) and compare every tensor with the exported model's."""
+def _digest(tensor: torch.Tensor) -> str:
+    """The tensor's fp32 bits, with -0 counted as +0 (integer codes have no signed zero; torch.equal agrees)."""
+    return hashlib.sha256((tensor.detach().float().cpu() + 0.0).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _verify(out_dir: Path, reference: dict[str, str], kept: dict[str, torch.Tensor], quantized: bool) -> dict[str, Any]:
+    """Reload through transformers (+ compressed-tensors) and compare every tensor with what was exported:
+    by digest, and by value where the exported weight was kept (an inexact format)."""
     loaded = load_dequantized(out_dir) if quantized else _load_plain(out_dir)
-    state = {k: v.detach().float() for k, v in loaded.state_dict().items()}
-    mismatched, max_diff, missing = [], 0.0, []
-    for name, ref in reference.items():
+    state = loaded.state_dict()
+    mismatched, missing, max_diff = [], [], 0.0
+    for name, digest in reference.items():
         got = state.get(name)
         if got is None:
             missing.append(name)
-            continue
-        if not torch.equal(got, ref):
+        elif _digest(got) != digest:
             mismatched.append(name)
-            max_diff = max(max_diff, (got - ref).abs().max().item())
+            if name in kept:
+                max_diff = max(max_diff, (got.detach().float() - kept[name]).abs().max().item())
     return {"tensors_compared": len(reference), "bit_identical": len(reference) - len(mismatched) - len(missing),
-            "mismatched": mismatched[:20], "missing": missing[:20], "max_abs_diff": max_diff,
+            "mismatched": mismatched[:20], "missing": missing[:20],
+            "max_abs_diff": max_diff if not mismatched or kept else None,
             "loader": "transformers AutoModelForCausalLM" + (" + CompressedTensorsConfig(dequantize=True)" if quantized
                                                            else "")}
 
@@ -182,22 +192,35 @@ def export_model(run_id: str, out_dir: str | Path, results_dir: str | Path | Non
         raise UnsupportedExport(f"cannot export run {record['run_id']} as {fmt}: " + "; ".join(blockers)
                                 + " (--fake writes the dequantized weights instead)")
     acts = {q.act_format for q in inv.linears if q.act_format is not None}
-    if len(acts) > 1 and not fake:
-        raise UnsupportedExport(f"the linears quantize activations to {len(acts)} formats; a checkpoint here holds one")
+    targets = [q for q in inv.linears if q.weight_format is not None]
+    fmt_w = None if fake or not targets else check_exportable({q.weight_format for q in targets}, acts, allow_inexact)
 
-    items = [] if fake else factor_linears(inv, allow_inexact)
     for q in inv.linears:
         _unwrap(model, q.name)
     _restore_attention(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reference = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-    quantized = {item.name for item in items}
-    if items:
-        qconfig = write_checkpoint(model, items, next(iter(acts), None), _other_linears(model, quantized), out_dir)
-    else:
-        qconfig = None
-        model.save_pretrained(out_dir)
-    built.tokenizer.save_pretrained(out_dir)
+    # what the checkpoint must give back: digests (not copies: an 8B model is not held twice); the quantized
+    # weights themselves only where a difference is expected and measured (--allow-inexact)
+    keep = {f"{q.name}.weight" for q in targets} if allow_inexact and fmt_w is not None else set()
+    reference = {k: _digest(v) for k, v in model.state_dict().items()}
+    kept = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if k in keep}
+    quantized = [q.name for q in targets] if fmt_w is not None else []
+    partial = out_dir.with_name(out_dir.name + ".partial")  # renamed when complete: no half checkpoint on a failure
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    inexact, qconfig = 0, None
+    try:
+        if quantized:
+            qconfig, inexact = write_checkpoint(model, quantized, fmt_w, next(iter(acts), None),
+                                                _other_linears(model, set(quantized)), partial)
+        else:
+            model.save_pretrained(partial)
+        built.tokenizer.save_pretrained(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    calibration, cell = built.calibration, built.cell
+    del model, built  # the reload below is the only model in memory
+    gc.collect()
 
     metadata = {
         "run_id": record["run_id"], "export_format": "dense (fake-quantized weights)" if fake else fmt,
@@ -206,24 +229,26 @@ def export_model(run_id: str, out_dir: str | Path, results_dir: str | Path | Non
                                                "method_label", "method_params", "method_version", "scheme",
                                                "scheme_config", "calib", "calib_key", "seed", "dtype", "task",
                                                "main_metric", "metrics", "protocol", "versions", "code")},
-        "calibration": built.calibration, "code_matches_record": record.get("code") == _current_code(built),
-        "weights": {"format": sorted({i.fmt.name for i in items}) or ([wfmt.name] if wfmt else []),
-                    "linears": len(items) if items else len([q for q in inv.linears if q.weight_format]),
-                    "inexact_blocks": sum(i.inexact_blocks for i in items)},
+        "calibration": calibration, "code_matches_record": record.get("code") == _current_code(cell),
+        "weights": {"format": sorted({q.weight_format.name for q in targets}), "linears": len(targets),
+                    "inexact_blocks": inexact},
         "native_modules_restored": len(native), "norm_gain_max_rel_change": norm_change,
         "activations": sorted(a.name for a in acts), "folded_online_transforms": folded, "dropped": dropped,
         "quantization_config": qconfig, "versions": _versions(),
     }
     if verify:
-        metadata["verification"] = _verify(out_dir, reference, quantized)
-    (out_dir / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
+        metadata["verification"] = _verify(partial, reference, kept, bool(quantized))
+    (partial / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
+    if out_dir.exists():
+        out_dir.rmdir()  # checked empty above
+    partial.rename(out_dir)
     return metadata
 
 
-def _current_code(built) -> str:
+def _current_code(cell) -> str:
     from harness.spec.code import method_code_hash
 
-    return method_code_hash(built.cell.method_module)
+    return method_code_hash(cell.method_module)
 
 
 def read_metadata(out_dir: str | Path) -> dict[str, Any]:

@@ -15,28 +15,17 @@ FP8 element formats, NVINT4, FP8 E5M2 (no compressed-tensors scheme), and activa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from harness.errors import PtqbenchError
-from harness.export.factor import Factored, factor_nv, factor_weight
-from harness.export.inspect import Inventory
+from harness.export.factor import factor_nv, factor_weight
 from harness.formats import Format
 
 
 class UnsupportedExport(PtqbenchError):
     pass
-
-
-@dataclass
-class LinearExport:
-    name: str
-    fmt: Format
-    factored: Factored
-    w_hat: torch.Tensor
-    inexact_blocks: int = 0
 
 
 def weight_args(fmt: Format):
@@ -78,71 +67,67 @@ def activation_args(fmt: Format | None):
                             f"have a compressed-tensors form here")
 
 
-def factor_linears(inventory: Inventory, allow_inexact: bool) -> list[LinearExport]:
-    out = []
-    for q in inventory.linears:
-        if q.weight_format is None:
-            continue
-        weight_args(q.weight_format)  # refuse unsupported formats before any work
-        w_hat = q.module.linear.weight.detach().float().cpu().clone()
-        if q.weight_format.scale_type == "e4m3":
-            factored, inexact = factor_nv(w_hat, q.weight_format, q.name)
-            if not allow_inexact:
-                raise UnsupportedExport(
-                    f"{q.weight_format.name}: compressed-tensors dequantizes NVFP4 to bf16 with code / global_scale, "
-                    f"the harness with code x s_t in fp32, so the served weights would differ from the evaluated "
-                    f"ones in their last bits; pass --allow-inexact to export anyway (or --fake)")
-            out.append(LinearExport(q.name, q.weight_format, factored, w_hat, inexact))
-        else:
-            out.append(LinearExport(q.name, q.weight_format, factor_weight(w_hat, q.weight_format, q.name), w_hat))
-    return out
+def check_exportable(weight_formats: set[Format], act_formats: set[Format], allow_inexact: bool) -> Format:
+    """The one weight format a checkpoint will hold, or UnsupportedExport saying why there is none."""
+    if len(weight_formats) != 1 or len(act_formats) > 1:
+        # transformers' dequantizing loader reads one scheme for every dense layer
+        names = ", ".join(sorted(f.name for f in weight_formats | act_formats))
+        raise UnsupportedExport(f"the linears use {len(weight_formats)} weight and {len(act_formats)} activation "
+                                f"formats ({names}); a checkpoint here holds one of each")
+    fmt = next(iter(weight_formats))
+    weight_args(fmt)
+    activation_args(next(iter(act_formats), None))
+    if fmt.scale_type == "e4m3" and not allow_inexact:
+        raise UnsupportedExport(
+            f"{fmt.name}: compressed-tensors dequantizes NVFP4 to bf16 with code / global_scale, the harness with "
+            f"code x s_t in fp32, so the served weights would differ from the evaluated ones in their last bits; "
+            f"pass --allow-inexact to export anyway (or --fake)")
+    return fmt
 
 
-def _set_params(module: torch.nn.Module, item: LinearExport) -> None:
-    """The factored scales (and zero points) on a module `apply_quantization_config` prepared."""
-    f, fmt = item.factored, item.fmt
+def _set_params(module: torch.nn.Module, fmt: Format, name: str) -> int:
+    """Factor the module's fake-quantized weight and put its scales (and zero points) where
+    `apply_quantization_config` prepared them; returns the number of inexact NV blocks."""
+    weight = module.weight.detach()
+    inexact = 0
     with torch.no_grad():
-        module.weight.copy_(item.w_hat.to(module.weight.dtype))
         scale = module.weight_scale
         if fmt.scale_type == "e4m3":
+            f, inexact = factor_nv(weight, fmt, name)
             scale.copy_(f.block_code.reshape(scale.shape).to(scale.dtype))
             module.weight_global_scale.copy_(f.global_scale.reshape(module.weight_global_scale.shape))
-            return
+            return inexact
+        f = factor_weight(weight, fmt, name)
         scale.copy_(f.scale.reshape(scale.shape).to(scale.dtype))
         if f.zero is not None:
             # compressed-tensors' codes are signed: (q - zp) with q, zp in [-2^(b-1), 2^(b-1) - 1]
             offset = 2 ** (fmt.bits - 1)
             zp = module.weight_zero_point
             zp.copy_((f.zero - offset).reshape(zp.shape).to(zp.dtype))
+    return inexact
 
 
-def write_checkpoint(model: torch.nn.Module, items: list[LinearExport], act_format: Format | None,
-                     ignore: list[str], out_dir: Path) -> dict:
-    """Compress `model` (its quantized linears already unwrapped to nn.Linear) into out_dir; returns the
-    quantization_config written. `ignore`: the model's other linears (lm_head, routers), kept dense."""
+def write_checkpoint(model: torch.nn.Module, names: list[str], fmt: Format, act_format: Format | None,
+                     ignore: list[str], out_dir: Path) -> tuple[dict, int]:
+    """Compress `model` (its quantized linears `names` already unwrapped to nn.Linear, holding their
+    fake-quantized weights) into out_dir, one linear's factoring in memory at a time. `ignore`: the model's
+    other linears (lm_head, routers), kept dense. Returns the quantization_config written and the number of
+    inexact NV blocks."""
+    import json
+
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
 
-    formats = {item.fmt for item in items}
-    if len(formats) != 1:
-        # transformers' dequantizing loader reads one scheme for every dense layer
-        raise UnsupportedExport(f"the linears use {len(formats)} weight formats ({', '.join(sorted(f.name for f in formats))}); "
-                                f"a checkpoint here holds one")
-    fmt = formats.pop()
     scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(fmt),
                                 input_activations=activation_args(act_format))
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore)
-    apply_quantization_config(model, config)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore))
     modules = dict(model.named_modules())
-    for item in items:
-        _set_params(modules[item.name], item)
+    inexact = sum(_set_params(modules[name], fmt, name) for name in names)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     model.save_pretrained(out_dir)
     compressor.update_config(str(out_dir))
-    import json
-
-    return json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    return json.loads((out_dir / "config.json").read_text())["quantization_config"], inexact
 
 
 def load_dequantized(out_dir: Path, dtype: torch.dtype = torch.float32):

@@ -160,6 +160,19 @@ def test_changed_code_and_bad_targets_are_refused(runs, tmp_path):
         export_model(run_id, tmp_path / "c", copy, fmt="gguf")
 
 
+def test_a_failed_export_leaves_no_checkpoint(runs, tmp_path, monkeypatch):
+    import harness.export.compressed as compressed
+
+    def broken(weight, fmt, name="weight"):
+        raise FactorError(f"{name}: broken on purpose")
+
+    root, by_cell = runs
+    monkeypatch.setattr(compressed, "factor_weight", broken)
+    with pytest.raises(FactorError, match="on purpose"):
+        export_model(by_cell[("rtn", "w4a16")], tmp_path / "ckpt", root / "results")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli(runs, tmp_path, capsys):
     root, by_cell = runs
     assert main(["export-model", by_cell[("rtn", "mxfp4_w")][:8], str(tmp_path / "ok"),
