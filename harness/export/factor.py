@@ -13,8 +13,8 @@ counts only when codes x scales, computed as the serving format dequantizes, equ
 - Asymmetric INT: s from the group's range (max - min) / L, zero point = -min code.
 - E4M3 block scales (NV): the harness dequantizes with code x s_t (torchao's and NVIDIA's kernels'
   convention); compressed-tensors dequantizes with code / global_scale. The two agree only where
-  fl(code / fl(1/s_t)) = fl(code x s_t), about 3 blocks in 4, so NV formats factor *inexactly*: see
-  `factor_nv`.
+  fl(code / g) = fl(code x s_t) (g with fl(1/g) = s_t; measured: about half the blocks of a random
+  weight differ in the last bit, for some s_t none), so NV formats factor *inexactly*: see `factor_nv`.
 """
 from __future__ import annotations
 
