@@ -86,8 +86,6 @@ def check_code(record: dict[str, Any], cell: Cell) -> str | None:
 def rebuild(record: dict[str, Any], store: Store, *, device: str | None = None,
             allow_code_change: bool = False) -> Rebuilt:
     """The run's model after calibrate + apply, exactly as the runner built it before evaluating."""
-    from harness import runner  # the runner's own steps, so the rebuild cannot drift from what ran
-
     cell = cell_from_record(record, device)
     problem = check_code(record, cell)
     if problem and not allow_code_change:
@@ -99,8 +97,18 @@ def rebuild(record: dict[str, Any], store: Store, *, device: str | None = None,
             raise RebuildError(f"run {record['run_id']}: its calibration key {cell.calib_key} is not what this "
                                f"code computes ({expected}); pass --allow-code-change to rebuild anyway")
         cell.calib_key = expected
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cell.threads)  # as the runner: CPU numbers depend on the thread count
+    try:
+        return _build(method, cell, store)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _build(method, cell: Cell, store: Store) -> Rebuilt:
+    from harness import runner  # the runner's own steps, so the rebuild cannot drift from what ran
+
     runner.set_seed(cell.seed)
-    torch.set_num_threads(cell.threads)
     model, tokenizer, adapter = runner.default_loader(cell)
     model.eval()
     calibration = "none"
