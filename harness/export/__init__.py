@@ -63,7 +63,8 @@ def _fold_online(model: torch.nn.Module, inv: Inventory) -> list[str]:
     return folded
 
 
-def _blockers(inv: Inventory) -> list[str]:
+def _online_blockers(inv: Inventory) -> list[str]:
+    """What a compressed checkpoint cannot hold but --fake can fold or drop."""
     out = []
     if inv.online:
         more = ", ..." if len(inv.online) > 2 else ""
@@ -72,6 +73,12 @@ def _blockers(inv: Inventory) -> list[str]:
         out.append(f"an online Q/K rotation (R3) in {len(inv.qk_rotations)} attention modules")
     if inv.kv:
         out.append(f"K/V quantization in {len(inv.kv)} attention modules")
+    return out
+
+
+def _structural_blockers(inv: Inventory) -> list[str]:
+    """What no checkpoint written here can hold, --fake included."""
+    out = []
     if inv.experts:
         out.append(f"fused MoE experts ({len(inv.experts)} blocks; not exported yet)")
     if inv.foreign:
@@ -179,18 +186,18 @@ def export_model(run_id: str, out_dir: str | Path, results_dir: str | Path | Non
 
     native, norm_change = restore_native_modules(model, allow_inexact)
     inv.foreign = [f for f in inv.foreign if f.split(" ")[0] not in native]
-    blockers = _blockers(inv)
+    structural, online = _structural_blockers(inv), _online_blockers(inv)
     dropped: list[str] = []
     folded: list[str] = []
     if fake:
-        if inv.experts or inv.foreign:
-            raise UnsupportedExport(f"cannot export run {record['run_id']}, even with --fake: " + "; ".join(
-                b for b in blockers if "experts" in b or "harness modules" in b))
+        if structural:
+            raise UnsupportedExport(f"cannot export run {record['run_id']}, even with --fake: " + "; ".join(structural))
         folded = _fold_online(model, inv)
         dropped = _drop_online_state(model, inv)
-    elif blockers:
-        raise UnsupportedExport(f"cannot export run {record['run_id']} as {fmt}: " + "; ".join(blockers)
-                                + " (--fake writes the dequantized weights instead)")
+    elif online + structural:
+        hint = "" if structural else " (--fake writes the dequantized weights instead)"
+        raise UnsupportedExport(f"cannot export run {record['run_id']} as {fmt}: " + "; ".join(online + structural)
+                                + hint)
     acts = {q.act_format for q in inv.linears if q.act_format is not None}
     targets = [q for q in inv.linears if q.weight_format is not None]
     fmt_w = None if fake or not targets else check_exportable({q.weight_format for q in targets}, acts, allow_inexact)
