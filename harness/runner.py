@@ -26,6 +26,7 @@ from harness.data import CALIB_CORPORA, EVAL_TEXTS, calib_source, check_availabl
 from harness.devices import check_device
 from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
+from harness.kv import kv_accounting
 from harness.quant.scheme import QuantScheme, get_scheme
 from harness.spec import Cell, TaskSpec, versions_for
 from harness.spec.code import method_code_hash
@@ -180,6 +181,15 @@ def sanity_forward(model: torch.nn.Module, tokenizer: Any, device: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # one cell
+
+
+def kv_cache_cost(model: Any, cell: Cell, task: TaskSpec) -> dict[str, Any] | None:
+    """The KV cache this run's scheme stores, at the task's sequence length (harness.kv.kv_accounting)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(getattr(config, "text_config", None) or config, "num_hidden_layers"):
+        return None
+    kv = getattr(calib_scheme(cell), "kv", None)  # a plugin scheme may have no KV part
+    return kv_accounting(kv, config, int(task.settings.get("seqlen") or 2048))
 
 
 def default_loader(cell: Cell):
@@ -390,6 +400,7 @@ def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader:
                     check_result(task, task_metrics)
                     metrics.update(task_metrics)
                     record["main_metric"] = getattr(results[task.name], "metric", None) or next(iter(task_metrics), None)
+                    record["kv_cache"] = kv_cache_cost(model, cell, task)
                 except (Exception, SystemExit) as exc:  # noqa: BLE001
                     task_error = exc
                     if task.name in results:
