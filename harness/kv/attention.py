@@ -29,12 +29,26 @@ def _rope_of(module, kv_len: int):
 
 def policy_kv(policy: KVPolicy, module, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V with every complete quantization unit quantized (what the cache stores once the unit is old)."""
-    if policy.key is not None and policy.pre_rope_keys:
-        cos, sin = _rope_of(module, key.shape[-2])
-        key_q = rope(policy.quantize("key", unrope(key, cos, sin)), cos, sin).to(key.dtype)
-    else:
-        key_q = policy.quantize("key", key)
-    return key_q, policy.quantize("value", value)
+    return quantize_keys(policy, module, key), quantize_values(policy, module, value)
+
+
+def channel_groups(module, role: str):
+    """The module's per-token channel clusters for `role` (set by a method such as SKVQ), or None."""
+    return (getattr(module, "kv_channel_groups", None) or {}).get(role)
+
+
+def quantize_keys(policy: KVPolicy, module, key: torch.Tensor, start: int = 0, rope_of=None) -> torch.Tensor:
+    """Keys as stored: pre-RoPE keys are un-rotated, quantized and rotated back (cos / sin of these positions
+    from `rope_of`, else the module's stash of this forward)."""
+    groups = channel_groups(module, "key")
+    if policy.key is None or not policy.pre_rope_keys:
+        return policy.quantize("key", key, start, groups)
+    cos, sin = rope_of if rope_of is not None else _rope_of(module, key.shape[-2])
+    return rope(policy.quantize("key", unrope(key, cos, sin), start, groups), cos, sin).to(key.dtype)
+
+
+def quantize_values(policy: KVPolicy, module, value: torch.Tensor, start: int = 0) -> torch.Tensor:
+    return policy.quantize("value", value, start, channel_groups(module, "value"))
 
 
 def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from harness.kv.attention import stash_rope
+from harness.kv.attention import quantize_keys, quantize_values, stash_rope
 from harness.kv.policy import KVPolicy
-from harness.kv.rope import rope, unrope
 
 
 class PolicyCacheLayer(DynamicLayer):
@@ -49,17 +48,18 @@ class PolicyCacheLayer(DynamicLayer):
             return
         lo = max(done, self.policy.sinks)
         block = store[..., lo:end, :]
-        if role == "key" and self.policy.pre_rope_keys:
-            cos, sin = self.cos[..., lo:end, :], self.sin[..., lo:end, :]
-            q = rope(self.policy.quantize(role, unrope(block, cos, sin), start=lo), cos, sin).to(block.dtype)
+        if role == "key":
+            rope_of = (self.cos[..., lo:end, :], self.sin[..., lo:end, :]) if self.policy.pre_rope_keys else None
+            store[..., lo:end, :] = quantize_keys(self.policy, self.attn, block, lo, rope_of)
         else:
-            q = self.policy.quantize(role, block, start=lo)
-        store[..., lo:end, :] = q
+            store[..., lo:end, :] = quantize_values(self.policy, self.attn, block, lo)
         self.quantized_upto[role] = end
 
 
 def policy_cache(policy: KVPolicy, attn_modules) -> Cache:
-    """A cache of one PolicyCacheLayer per attention module (decoder layer order)."""
+    """A cache of one PolicyCacheLayer per attention module (decoder layer order). Read it with attention
+    that has no policy of its own (`install_kv_policy(attn_modules, None)`), or K/V would be quantized twice;
+    the modules' `kv_channel_groups` (SKVQ's clusters) are used."""
     if policy.key is not None and policy.pre_rope_keys:
         for attn in attn_modules:
             stash_rope(attn)

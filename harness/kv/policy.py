@@ -98,15 +98,16 @@ class KVPolicy:
         return (key_pos >= self.sinks)[None, :] & (end[None, :] <= (query_pos[:, None] - self.window))
 
     # ---- the quantized values ----------------------------------------------------------------
-    def quantize(self, role: str, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def quantize(self, role: str, x: torch.Tensor, start: int = 0, channels: ChannelGroups | None = None) -> torch.Tensor:
         """Every complete unit of x [batch, heads, tokens, head_dim] (tokens at positions start, start+1, ...)
         fake-quantized as the cache would store it; entries in no complete unit (sinks, a partial group)
-        are returned unchanged."""
+        are returned unchanged. `channels`: a per-token layout of groups over all KV heads' channels
+        (SKVQ's reordered clusters) instead of the format's fixed groups along head_dim."""
         fmt = getattr(self, role)
         if fmt is None:
             return x
         if getattr(self, f"{role}_granularity") == "per_token":
-            return quantize(x, fmt)
+            return channels.quantize(x, fmt) if channels is not None else quantize(x, fmt)
         g = fmt.group_size
         first = max(self.sinks, start)
         first += (-(first - self.sinks)) % g  # the first unit boundary at or after `start`
@@ -166,6 +167,25 @@ def stored_bits(fmt: Format, head_dim: int) -> float:
     group = {"group": fmt.group_size, "row": head_dim}.get(fmt.granularity)
     meta = _SCALE_BITS[fmt.scale_type] * (1 if fmt.symmetric else 2)
     return fmt.bits + (meta / group if group else 0.0)
+
+
+@dataclass(frozen=True)
+class ChannelGroups:
+    """Per-token quantization groups over the channels of all KV heads (flattened heads × head_dim):
+    channels `order[bounds[i]:bounds[i+1]]` share a scale (SKVQ's clusters of similar-range channels,
+    of varying sizes). The format's own grouping is replaced by one group per cluster."""
+
+    order: torch.Tensor  # a permutation of the kv_heads * head_dim channels
+    bounds: tuple[int, ...]  # cluster boundaries in `order`, 0 first, the channel count last
+
+    def quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+        b, h, t, d = x.shape
+        flat = x.transpose(1, 2).reshape(b, t, h * d)[..., self.order]
+        row = fmt.with_(granularity="row", group_size=None)
+        out = torch.cat([quantize(flat[..., lo:hi], row) for lo, hi in zip(self.bounds[:-1], self.bounds[1:])], dim=-1)
+        restored = torch.empty_like(out)
+        restored[..., self.order] = out
+        return restored.reshape(b, t, h, d).transpose(1, 2)
 
 
 def as_format(value: Any, role: str) -> Format | None:

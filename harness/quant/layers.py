@@ -175,6 +175,9 @@ def _make_kv_attention(inner: str):
         rotation = getattr(module, "qk_rotation", None)
         if rotation is not None:  # R3: (q R)(k R)ᵀ = q kᵀ for orthogonal R, so only the quantized K sees it
             query, key = rotation(query), rotation(key)
+        observer = getattr(module, "kv_observer", None)
+        if observer is not None:  # calibration of KV methods: K/V as the cache would receive them
+            observer(module, key, value)
         if getattr(module, "kv_policy", None) is not None:
             return policy_attention(ALL_ATTENTION_FUNCTIONS[inner], module, query, key, value, attention_mask,
                                     **kwargs)
