@@ -184,12 +184,24 @@ def sanity_forward(model: torch.nn.Module, tokenizer: Any, device: str) -> None:
 
 
 def kv_cache_cost(model: Any, cell: Cell, task: TaskSpec) -> dict[str, Any] | None:
-    """The KV cache this run's scheme stores, at the task's sequence length (harness.kv.kv_accounting)."""
+    """The KV cache this run stores, at the task's sequence length (harness.kv.kv_accounting)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(getattr(config, "text_config", None) or config, "num_hidden_layers"):
         return None
-    kv = getattr(calib_scheme(cell), "kv", None)  # a plugin scheme may have no KV part
-    return kv_accounting(kv, config, int(task.settings.get("seqlen") or 2048))
+    return kv_accounting(installed_kv(model), config, int(task.settings.get("seqlen") or 2048))
+
+
+def installed_kv(model: Any):
+    """The KV format or policy the model's attention actually applies (a method such as SKVQ installs its
+    own policy over the scheme's format); None when K/V stay full precision."""
+    from harness.quant import kv_format
+
+    for module in model.modules():
+        if hasattr(module, "kv_policy") or hasattr(module, "kv_quantizer"):
+            found = kv_format(module)
+            if found is not None:
+                return found
+    return None
 
 
 def default_loader(cell: Cell):

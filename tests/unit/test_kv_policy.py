@@ -149,3 +149,30 @@ def test_the_equality_check_can_fail_and_pre_rope_is_not_post_rope():
         w7_pre = model(ids).logits
     assert (w7 - decoded).abs().max() > 1e-4  # a window one token shorter is a different cache
     assert (w7 - w7_pre).abs().max() > 1e-4
+
+
+def test_kv_cost_is_recorded_reported_and_plotted(tmp_path):
+    """Through the engine: every record carries its KV cost; the paper report tables and plots it."""
+    from harness.driver import run_matrix
+    from harness.report.paper import kv_cache_table
+    from harness.report.plots import metric_vs_kv_bits
+    from harness.spec import load_spec
+    from harness.store import Store, load_results
+
+    spec = tmp_path / "kv.yaml"
+    spec.write_text("models: [tiny-llama]\nmethods: [fp, rtn, {name: skvq, params: {window: 8, sinks: 2}}]\n"
+                    "schemes: [kv4, k2v2_g32]\ntasks: [wikitext2]\nppl: {seqlen: 32, max_windows: 2}\n"
+                    "calib: {corpus: c4, n: 2, seqlen: 32}\n")
+    store = Store(tmp_path / "res")
+    summary = run_matrix(load_spec(spec).cells(), store)
+    assert summary.failed == 0, summary.failures
+    records = {(r["method"], r["scheme"]): r["kv_cache"] for r in store.records()}
+    assert records[("fp", "w16a16")]["compression_vs_16bit"] == 1
+    assert records[("rtn", "kv4")]["key_bits"] == pytest.approx(4 + 32 / 32)  # head_dim 32: scale + zero per row
+    # the window (8) and sinks (2) of a 32-token context cost bits: 22 quantized tokens at 3 bits, 10 at 16
+    assert records[("skvq", "k2v2_g32")]["key_bits"] == pytest.approx((22 * 3 + 10 * 16) / 32, abs=1e-4)
+    df = load_results(store.root)
+    table = kv_cache_table(df)
+    assert set(table["scheme"]) == {"kv4", "k2v2_g32"} and "fp" not in set(table["method"])
+    paths = metric_vs_kv_bits(df, "ppl", tmp_path / "plots", task="wikitext2", model="tiny-llama")
+    assert paths and all(p.stat().st_size > 0 for p in paths)
