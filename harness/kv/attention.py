@@ -69,6 +69,9 @@ def policy_attention(inner_fn, module, query, key, value, attention_mask, **kwar
         key = torch.where(mk[-1][:, None], key_q, key)
         value = torch.where(mv[-1][:, None], value_q, value)
         return inner_fn(module, query, key, value, attention_mask, **kwargs)
+    if getattr(module, "attention_kernel", None) is not None:
+        raise NotImplementedError(f"attention kernel {module.attention_kernel} with a windowed or per-channel KV "
+                                  "policy (each query reads a different cache): use a position-free KV policy")
     return _mixed_attention(module, query, (key, key_q), (value, value_q), mk, mv, query_pos, key_pos,
                             attention_mask, kwargs)
 

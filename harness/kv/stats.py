@@ -26,7 +26,7 @@ class KVRanges:
     def __exit__(self, *exc) -> None:
         self.attn.kv_observer = None
 
-    def _observe(self, module, key: torch.Tensor, value: torch.Tensor) -> None:
+    def _observe(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.pre_rope:
             key = unrope(key, *module.kv_rope)
         for role, x in (("key", key), ("value", value)):

@@ -5,10 +5,13 @@ model's float dtype; what changes is the set of values the weights, activations 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.attention import KERNELS
 from harness.formats import Format, get_format, quantize
 from harness.kv import KVPolicy, install_kv_policy, policy_attention
 from harness.quant.quantizer import InputCache, Quantizer
@@ -177,15 +180,19 @@ def _make_kv_attention(inner: str):
             query, key = rotation(query), rotation(key)
         observer = getattr(module, "kv_observer", None)
         if observer is not None:  # calibration of KV methods: K/V as the cache would receive them
-            observer(module, key, value)
+            observer(module, query, key, value)
+        inner_fn = ALL_ATTENTION_FUNCTIONS[inner]
+        kernel = getattr(module, "attention_kernel", None)
+        if kernel is not None:  # a scheme's attention kernel (INT8 FlashAttention, ...) replaces the inner one
+            fn, fixed = KERNELS[kernel]
+            inner_fn = functools.partial(fn, **fixed)
         if getattr(module, "kv_policy", None) is not None:
-            return policy_attention(ALL_ATTENTION_FUNCTIONS[inner], module, query, key, value, attention_mask,
-                                    **kwargs)
+            return policy_attention(inner_fn, module, query, key, value, attention_mask, **kwargs)
         quantizer = getattr(module, "kv_quantizer", None)
         if quantizer is not None and quantizer.fmt is not None:
             # [batch, kv_heads, tokens, head_dim]: groups never cross heads or tokens
             key, value = quantizer(key), quantizer(value)
-        return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, **kwargs)
+        return inner_fn(module, query, key, value, attention_mask, **kwargs)
 
     return kv_quant_attention
 

@@ -29,6 +29,13 @@ class QuantScheme:
     kv: Format | KVPolicy | None = None
     lm_head: bool = False
     embeddings: bool = False
+    attention: str | None = None  # an attention kernel (harness.attention.KERNELS), e.g. int8_flash
+
+    def __post_init__(self) -> None:
+        from harness.attention import KERNELS
+
+        if self.attention is not None and self.attention not in KERNELS:
+            raise UnknownNameError("attention kernel", self.attention, KERNELS)
 
     @property
     def full_precision(self) -> list[str]:
@@ -48,19 +55,21 @@ class QuantScheme:
         extra = [part for part in ("lm_head", "embeddings") if part not in self.full_precision]
         if extra:
             out["also_quantized"] = extra
+        if self.attention is not None:  # only when set, as above
+            out["attention"] = self.attention
         return out
 
     @property
     def is_identity(self) -> bool:
-        return self.weight is None and self.activation is None and self.kv is None
+        return self.weight is None and self.activation is None and self.kv is None and self.attention is None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantScheme:
-        """{name, weight|w, activation|a, kv, lm_head, embeddings}: each format a name, a
-        {format: name, **overrides} mapping or null; lm_head / embeddings booleans."""
+        """{name, weight|w, activation|a, kv, lm_head, embeddings, attention}: each format a name, a
+        {format: name, **overrides} mapping or null; lm_head / embeddings booleans; attention a kernel name."""
         aliases = {"w": "weight", "a": "activation", "weights": "weight", "act": "activation",
                    "activations": "activation"}
-        keys = ["name", "weight", "activation", "kv", "lm_head", "embeddings"]
+        keys = ["name", "weight", "activation", "kv", "lm_head", "embeddings", "attention"]
         fields: dict[str, Any] = {}
         for key, value in data.items():
             key = aliases.get(key, key)
@@ -72,6 +81,8 @@ class QuantScheme:
                 fields[key] = value
             elif key == "name":
                 fields[key] = str(value)
+            elif key == "attention":
+                fields[key] = None if value is None else str(value)
             elif key == "kv" and isinstance(value, dict) and _is_policy(value):
                 fields[key] = KVPolicy.from_dict(value)
             else:
