@@ -139,7 +139,7 @@ class SKVQ(Method):
 
         apply_scheme(model, adapter, dataclasses.replace(scheme, kv=self.policy(scheme)), quantize_weights=True)
         for view, layer in zip(adapter.layers(), state.clusters):
-            view.attn.kv_channel_groups = {
+            view.attn.kv_codecs = {
                 role: ChannelGroups(layer[f"{role}_order"], tuple(int(b) for b in layer[f"{role}_bounds"]))
                 for role in ROLES if f"{role}_order" in layer}
         self._metrics = {k: v for k, v in state.meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -8,7 +8,7 @@
 """
 from harness.kv.attention import install_kv_policy, policy_attention
 from harness.kv.cache import PolicyCacheLayer, policy_cache
-from harness.kv.policy import KVPolicy, as_format, kv_accounting
+from harness.kv.policy import ChannelGroups, ChannelSmoothing, KVPolicy, as_format, kv_accounting
 
-__all__ = ["KVPolicy", "PolicyCacheLayer", "as_format", "install_kv_policy", "kv_accounting", "policy_attention",
+__all__ = ["ChannelGroups", "ChannelSmoothing", "KVPolicy", "PolicyCacheLayer", "as_format", "install_kv_policy", "kv_accounting", "policy_attention",
            "policy_cache"]

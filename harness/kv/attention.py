@@ -32,15 +32,15 @@ def policy_kv(policy: KVPolicy, module, key: torch.Tensor, value: torch.Tensor) 
     return quantize_keys(policy, module, key), quantize_values(policy, module, value)
 
 
-def channel_groups(module, role: str):
-    """The module's per-token channel clusters for `role` (set by a method such as SKVQ), or None."""
-    return (getattr(module, "kv_channel_groups", None) or {}).get(role)
+def kv_codec(module, role: str):
+    """The module's own per-token K or V quantizer (`kv_codecs`, set by a method such as SKVQ or WKVQuant), or None."""
+    return (getattr(module, "kv_codecs", None) or {}).get(role)
 
 
 def quantize_keys(policy: KVPolicy, module, key: torch.Tensor, start: int = 0, rope_of=None) -> torch.Tensor:
     """Keys as stored: pre-RoPE keys are un-rotated, quantized and rotated back (cos / sin of these positions
     from `rope_of`, else the module's stash of this forward)."""
-    groups = channel_groups(module, "key")
+    groups = kv_codec(module, "key")
     if policy.key is None or not policy.pre_rope_keys:
         return policy.quantize("key", key, start, groups)
     cos, sin = rope_of if rope_of is not None else _rope_of(module, key.shape[-2])
@@ -48,7 +48,7 @@ def quantize_keys(policy: KVPolicy, module, key: torch.Tensor, start: int = 0, r
 
 
 def quantize_values(policy: KVPolicy, module, value: torch.Tensor, start: int = 0) -> torch.Tensor:
-    return policy.quantize("value", value, start, channel_groups(module, "value"))
+    return policy.quantize("value", value, start, kv_codec(module, "value"))
 
 
 def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ class PolicyCacheLayer(DynamicLayer):
 def policy_cache(policy: KVPolicy, attn_modules) -> Cache:
     """A cache of one PolicyCacheLayer per attention module (decoder layer order). Read it with attention
     that has no policy of its own (`install_kv_policy(attn_modules, None)`), or K/V would be quantized twice;
-    the modules' `kv_channel_groups` (SKVQ's clusters) are used."""
+    the modules' `kv_codecs` (SKVQ's clusters, WKVQuant's smoothing) are used."""
     if policy.key is not None and policy.pre_rope_keys:
         for attn in attn_modules:
             stash_rope(attn)

@@ -98,16 +98,20 @@ class KVPolicy:
         return (key_pos >= self.sinks)[None, :] & (end[None, :] <= (query_pos[:, None] - self.window))
 
     # ---- the quantized values ----------------------------------------------------------------
-    def quantize(self, role: str, x: torch.Tensor, start: int = 0, channels: ChannelGroups | None = None) -> torch.Tensor:
+    def quantize(self, role: str, x: torch.Tensor, start: int = 0, codec=None) -> torch.Tensor:
         """Every complete unit of x [batch, heads, tokens, head_dim] (tokens at positions start, start+1, ...)
         fake-quantized as the cache would store it; entries in no complete unit (sinks, a partial group)
-        are returned unchanged. `channels`: a per-token layout of groups over all KV heads' channels
-        (SKVQ's reordered clusters) instead of the format's fixed groups along head_dim."""
+        are returned unchanged. `codec`: a method's per-token quantizer (`codec.quantize(x, fmt)`: SKVQ's
+        channel clusters, WKVQuant's channel smoothing) instead of the format's groups along head_dim.
+        Under autograd the rounding is straight-through (methods that learn through the cache)."""
         fmt = getattr(self, role)
         if fmt is None:
             return x
         if getattr(self, f"{role}_granularity") == "per_token":
-            return channels.quantize(x, fmt) if channels is not None else quantize(x, fmt)
+            if codec is not None:
+                return codec.quantize(x, fmt)
+            q = quantize(x.detach(), fmt)
+            return x + (q - x).detach() if x.requires_grad else q
         g = fmt.group_size
         first = max(self.sinks, start)
         first += (-(first - self.sinks)) % g  # the first unit boundary at or after `start`
@@ -179,6 +183,7 @@ class ChannelGroups:
     bounds: tuple[int, ...]  # cluster boundaries in `order`, 0 first, the channel count last
 
     def quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+        """x [batch, kv_heads, tokens, head_dim], each token's cluster quantized as one group."""
         b, h, t, d = x.shape
         flat = x.transpose(1, 2).reshape(b, t, h * d)[..., self.order]
         row = fmt.with_(granularity="row", group_size=None)
@@ -186,6 +191,45 @@ class ChannelGroups:
         restored = torch.empty_like(out)
         restored[..., self.order] = out
         return restored.reshape(b, t, h, d).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class ChannelSmoothing:
+    """Static per-channel smoothing before dynamic per-token quantization (WKVQuant's two-dimensional
+    quantization): x ↦ s · Q((x − δ) / s) + δ per channel of all KV heads (flattened heads × head_dim).
+    δ = 0, s = 1 is the plain format. Under autograd the quantizer is `learnable_fake_quant` (gradients
+    for δ and s through the group's scale and zero point, straight-through rounding)."""
+
+    shift: torch.Tensor  # [kv_heads * head_dim]
+    scale: torch.Tensor  # [kv_heads * head_dim], > 0
+
+    def quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+        b, h, t, d = x.shape
+        shift, scale = self.shift.reshape(h, 1, d).to(x.dtype), self.scale.reshape(h, 1, d).to(x.dtype)
+        y = (x - shift) / scale
+        trains = y.requires_grad
+        q = learnable_fake_quant(y, fmt) if trains else quantize(y, fmt)
+        return q * scale + shift
+
+
+def learnable_fake_quant(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Asymmetric INT fake quantization along the last dim (per row or group), differentiable in the input
+    range (OmniQuant's convention: scale = (max − min) / levels, zero = round(−min / scale), rounding
+    straight-through); equal in value to harness.formats.quantize up to fp32 rounding."""
+    if fmt.element != "int" or fmt.symmetric or fmt.granularity not in ("row", "group"):
+        raise InvalidValueError("format for learned KV smoothing", fmt.name, "an asymmetric INT per-row or group format")
+    shape = y.shape
+    g = y.reshape(*shape[:-1], -1, fmt.group_size) if fmt.granularity == "group" else y.unsqueeze(-2)
+    hi = g.amax(-1, keepdim=True).clamp_min(0) * fmt.clip_ratio
+    lo = g.amin(-1, keepdim=True).clamp_max(0) * fmt.clip_ratio
+    step = ((hi - lo) / fmt.levels).clamp_min(1e-8)
+    zero = _round_ste(-lo / step)
+    q = torch.clamp(_round_ste(g / step) + zero, 0, fmt.levels)
+    return ((q - zero) * step).reshape(shape)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
 
 
 def as_format(value: Any, role: str) -> Format | None:

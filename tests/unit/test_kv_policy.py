@@ -176,3 +176,21 @@ def test_kv_cost_is_recorded_reported_and_plotted(tmp_path):
     assert set(table["scheme"]) == {"kv4", "k2v2_g32"} and "fp" not in set(table["method"])
     paths = metric_vs_kv_bits(df, "ppl", tmp_path / "plots", task="wikitext2", model="tiny-llama")
     assert paths and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_channel_smoothing_is_the_plain_format_at_identity_and_learnable_quant_matches_it():
+    from harness.kv import ChannelSmoothing
+    from harness.kv.policy import learnable_fake_quant
+
+    x = torch.randn(2, 3, 7, 16) * torch.linspace(0.1, 5, 16) + torch.linspace(-2, 2, 16)
+    fmt = get_format("int4_asym_g8")
+    ident = ChannelSmoothing(torch.zeros(48), torch.ones(48))
+    assert torch.equal(ident.quantize(x, fmt), quantize(x, fmt))
+    torch.testing.assert_close(learnable_fake_quant(x, fmt), quantize(x, fmt), rtol=0, atol=1e-5)
+    # centring each channel and equalising its range lowers the error of per-token groups
+    smooth = ChannelSmoothing(x.mean((0, 2)).reshape(-1), x.std((0, 2)).reshape(-1))
+    assert (smooth.quantize(x, fmt) - x).pow(2).mean() < (quantize(x, fmt) - x).pow(2).mean()
+    shift = torch.zeros(48, requires_grad=True)
+    scale = torch.ones(48, requires_grad=True)
+    ChannelSmoothing(shift, scale).quantize(x, fmt).sub(x).pow(2).sum().backward()
+    assert shift.grad.abs().sum() > 0 and scale.grad.abs().sum() > 0
