@@ -105,7 +105,21 @@ def _collect_kl_reference(model, tokenizer, task: TaskSpec) -> Any:
                              topk=s["topk"])
 
 
-EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _eval_ppl, "lm_eval": _eval_lm, "kl": _eval_kl}
+def _eval_greedy(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict) -> dict[str, Any]:
+    from harness.eval.greedy import greedy_agreement
+
+    return {t.name: greedy_agreement(model, refs[t.name]) for t in tasks}
+
+
+def _collect_greedy_reference(model, tokenizer, task: TaskSpec) -> Any:
+    from harness.eval.greedy import collect_greedy_reference
+
+    s = task.settings
+    return collect_greedy_reference(model, tokenizer, s["dataset"], s["prompt_len"], s["new_tokens"], s["prompts"])
+
+
+EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _eval_ppl, "lm_eval": _eval_lm, "kl": _eval_kl,
+                                                         "greedy": _eval_greedy}
 
 
 def _lm_eval_source(task: TaskSpec) -> tuple[str, str] | None:
@@ -124,6 +138,7 @@ DATA_SOURCES: dict[str, Callable[[TaskSpec], tuple[str, str] | None]] = {
     "ppl": lambda task: _text_source(task.name),
     "lm_eval": _lm_eval_source,
     "kl": lambda task: _text_source(task.settings.get("dataset", "")),
+    "greedy": lambda task: _text_source(task.settings.get("dataset", "")),
 }
 
 
@@ -132,7 +147,7 @@ def check_data(cells: list[Cell]) -> None:
     needs = {calib_source(cell.calib["corpus"]) for cell in cells if cell.calib.get("corpus") in CALIB_CORPORA}
     needs |= {DATA_SOURCES[task.kind](task) for cell in cells for task in cell.tasks if task.kind in DATA_SOURCES}
     check_available(needs - {None})
-REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference}
+REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference, "greedy": _collect_greedy_reference}
 
 
 def _is_number(v: Any) -> bool:
