@@ -95,7 +95,6 @@ def accuracy(seqlen: int) -> dict:
 
 
 def speed() -> dict:
-    from harness.attention.int8_flash import quantize_per_head, quantize_per_token  # noqa: F401
     from harness.attention.int8_flash_triton import int8_flash_triton
 
     rows = []

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import InvalidValueError, UnknownNameError
-from harness.formats import Format, get_format
-from harness.kv.policy import KVPolicy
+from harness.formats import Format
+from harness.kv.policy import KVPolicy, as_format
 
 
 @dataclass(frozen=True)
@@ -97,16 +97,7 @@ def _is_policy(value: dict) -> bool:
 
 
 def _format(value: Any, role: str) -> Format | None:
-    if value is None or isinstance(value, Format):
-        return value
-    if isinstance(value, str):
-        return get_format(value)
-    if isinstance(value, dict):
-        spec = dict(value)
-        if "format" not in spec:
-            raise InvalidValueError(f"{role} format", value, "a format name or {format: NAME, field: value}")
-        return get_format(spec.pop("format"), **spec)
-    raise InvalidValueError(f"{role} format", value, "a format name, a {format: ...} mapping, or null")
+    return as_format(value, role)
 
 
 # name -> (weight, activation, kv); KV formats quantize along head_dim (one group per head and token)
