@@ -43,6 +43,9 @@ def quantize_keys(policy: KVPolicy, module, key: torch.Tensor, start: int = 0, r
     groups = kv_codec(module, "key")
     if policy.key is None or not policy.pre_rope_keys:
         return policy.quantize("key", key, start, groups)
+    if getattr(module, "qk_rotation", None) is not None:  # un-RoPE of rotated keys would be meaningless
+        raise NotImplementedError("pre-RoPE key quantization with an online Q/K rotation (QuaRot's R3, ...): "
+                                  "use pre_rope_keys: false with rotation methods")
     cos, sin = rope_of if rope_of is not None else _rope_of(module, key.shape[-2])
     return rope(policy.quantize("key", unrope(key, cos, sin), start, groups), cos, sin).to(key.dtype)
 
