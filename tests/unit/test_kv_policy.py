@@ -194,3 +194,14 @@ def test_channel_smoothing_is_the_plain_format_at_identity_and_learnable_quant_m
     scale = torch.ones(48, requires_grad=True)
     ChannelSmoothing(shift, scale).quantize(x, fmt).sub(x).pow(2).sum().backward()
     assert shift.grad.abs().sum() > 0 and scale.grad.abs().sum() > 0
+
+
+def test_pre_rope_keys_under_an_online_qk_rotation_are_refused():
+    from harness.quant import install_kv_quant
+
+    model, tok, adapter = make_tiny_model("llama")
+    attn = [layer.attn for layer in adapter.layers()]
+    install_kv_quant(model, attn, None, qk_rotation=lambda t: t.flip(-1))
+    apply_scheme(model, adapter, {"name": "pre", "kv": dict(format="int4_asym", pre_rope_keys=True)})
+    with pytest.raises(NotImplementedError, match="pre_rope_keys: false"), torch.no_grad():
+        model(_ids(tok, 8))
