@@ -9,6 +9,7 @@ CI never has a GPU, so what only a GPU can show is checked here, and what it mea
 2. the eager torch path on CUDA against the CPU (the same code, other kernels underneath).
 3. throughput: Triton vs torch.compile vs eager on CUDA (GB/s of bytes read + written, bf16 input).
 4. one GPTQ solve of a 4096 x 4096 layer on the GPU per format (seconds), the scale of an 8B model's layer.
+5. INT-FlashAttention's kernel on the GPU against its CPU reference, and its speed against FP16 SDPA.
 
 `--dry-run` runs the same code on the CPU (Triton interpreter, tiny sizes) to check the script itself;
 its numbers mean nothing. Exit status 1 when any bit check fails.
@@ -121,6 +122,28 @@ def gptq_solves(torch, device: str, size: int) -> list[dict]:
     return out
 
 
+def int8_flash_check(torch, device: str, seqlen: int) -> dict:
+    """INT-FlashAttention's Triton kernel on the device against the torch reference on the CPU (largest
+    difference; one INT8 rounding of P = |v| / 127 is the documented bound) and its speed vs FP16 SDPA."""
+    from harness.attention.int8_flash import int8_flash_reference
+    from harness.attention.int8_flash_triton import int8_flash_triton
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for variant in ("full", "half"):
+        q, k, v = (torch.randn(1, 4, min(seqlen, 1024), 128, generator=g) for _ in range(3))
+        ref = int8_flash_reference(q, k, v, 128 ** -0.5, variant)
+        got = int8_flash_triton(q.to(device), k.to(device), v.to(device), 128 ** -0.5, variant).cpu()
+        out[f"{variant}_max_abs_diff"] = float((got - ref).abs().max())
+        out[f"{variant}_one_level"] = float(v.abs().max() / 127)
+    if device == "cuda":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_int8_flash import speed
+
+        out["speed"] = speed()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes (checks the script)")
@@ -146,6 +169,7 @@ def main() -> int:
         "bits": bit_checks(torch, device, rows),
         "throughput": throughput(torch, device, size, repeats),
         "gptq": gptq_solves(torch, device, gptq_size),
+        "int8_flash": int8_flash_check(torch, device, 256 if args.dry_run else 4096),
     }
     failed = [r for r in report["bits"] if not (r["triton_equals_cpu"] and r["eager_cuda_equals_cpu"])]
     report["bit_failures"] = len(failed)

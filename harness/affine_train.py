@@ -23,6 +23,7 @@ from torch import nn
 from harness.affine import KroneckerAffine, balanced_factors, clipped_fake_quant, site_linears, weight_roles
 from harness.calib import AbsMax, StatsTap
 from harness.errors import InvalidValueError
+from harness.kv import KVPolicy
 from harness.quant import set_kv_format, ste_quantize, straight_through
 from harness.rotation.fuse import OnlineTransform
 from harness.transforms import hadamard_transform
@@ -156,6 +157,9 @@ class AffineLayerTrainer:
     def __init__(self, view, head_dim: int, sites: dict[str, KroneckerAffine], act_format,
                  act_clips: dict[str, nn.Parameter], weight_format, weight_clips: dict[str, nn.Parameter],
                  kv_format=None, qk: torch.Tensor | None = None):
+        if isinstance(kv_format, KVPolicy):  # its quantizer has no straight-through mode
+            raise InvalidValueError("KV scheme for layer-wise training", kv_format.to_dict(),
+                                    "a plain KV format (a KV policy is evaluated, not trained through)")
         self.view, self.hd, self.sites = view, head_dim, sites
         self.kv_format, self.qk = kv_format, qk
         self.afmt, self.clips, self.wfmt, self.lwc = act_format, act_clips, weight_format, weight_clips

@@ -71,7 +71,7 @@ def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | No
             protocols = by_protocol(select(df, task, model))
             for k, (_, rows) in enumerate(protocols):
                 prefix = (f"{model}_" if len(models) > 1 else "") + (f"p{k}_" if len(protocols) > 1 else "")
-                for make in (plots.format_bars, plots.fp_gap_heatmap):
+                for make in (plots.format_bars, plots.fp_gap_heatmap, plots.metric_vs_kv_bits):
                     try:
                         images += [p for p in make(rows, "ppl", out, task=task, model=model, prefix=prefix)
                                    if p.suffix == ".png"]

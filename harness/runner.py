@@ -26,6 +26,7 @@ from harness.data import CALIB_CORPORA, EVAL_TEXTS, calib_source, check_availabl
 from harness.devices import check_device
 from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, Method, State
+from harness.kv import kv_accounting
 from harness.quant.scheme import QuantScheme, get_scheme
 from harness.spec import Cell, TaskSpec, versions_for
 from harness.spec.code import method_code_hash
@@ -104,7 +105,21 @@ def _collect_kl_reference(model, tokenizer, task: TaskSpec) -> Any:
                              topk=s["topk"])
 
 
-EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _eval_ppl, "lm_eval": _eval_lm, "kl": _eval_kl}
+def _eval_greedy(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict) -> dict[str, Any]:
+    from harness.eval.greedy import greedy_agreement
+
+    return {t.name: greedy_agreement(model, refs[t.name]) for t in tasks}
+
+
+def _collect_greedy_reference(model, tokenizer, task: TaskSpec) -> Any:
+    from harness.eval.greedy import collect_greedy_reference
+
+    s = task.settings
+    return collect_greedy_reference(model, tokenizer, s["dataset"], s["prompt_len"], s["new_tokens"], s["prompts"])
+
+
+EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _eval_ppl, "lm_eval": _eval_lm, "kl": _eval_kl,
+                                                         "greedy": _eval_greedy}
 
 
 def _lm_eval_source(task: TaskSpec) -> tuple[str, str] | None:
@@ -123,6 +138,7 @@ DATA_SOURCES: dict[str, Callable[[TaskSpec], tuple[str, str] | None]] = {
     "ppl": lambda task: _text_source(task.name),
     "lm_eval": _lm_eval_source,
     "kl": lambda task: _text_source(task.settings.get("dataset", "")),
+    "greedy": lambda task: _text_source(task.settings.get("dataset", "")),
 }
 
 
@@ -131,7 +147,7 @@ def check_data(cells: list[Cell]) -> None:
     needs = {calib_source(cell.calib["corpus"]) for cell in cells if cell.calib.get("corpus") in CALIB_CORPORA}
     needs |= {DATA_SOURCES[task.kind](task) for cell in cells for task in cell.tasks if task.kind in DATA_SOURCES}
     check_available(needs - {None})
-REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference}
+REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference, "greedy": _collect_greedy_reference}
 
 
 def _is_number(v: Any) -> bool:
@@ -180,6 +196,27 @@ def sanity_forward(model: torch.nn.Module, tokenizer: Any, device: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # one cell
+
+
+def kv_cache_cost(model: Any, cell: Cell, task: TaskSpec) -> dict[str, Any] | None:
+    """The KV cache this run stores, at the task's sequence length (harness.kv.kv_accounting)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(getattr(config, "text_config", None) or config, "num_hidden_layers"):
+        return None
+    return kv_accounting(installed_kv(model), config, int(task.settings.get("seqlen") or 2048))
+
+
+def installed_kv(model: Any):
+    """The KV format or policy the model's attention actually applies (a method such as SKVQ installs its
+    own policy over the scheme's format); None when K/V stay full precision."""
+    from harness.quant import kv_format
+
+    for module in model.modules():
+        if hasattr(module, "kv_policy") or hasattr(module, "kv_quantizer"):
+            found = kv_format(module)
+            if found is not None:
+                return found
+    return None
 
 
 def default_loader(cell: Cell):
@@ -390,6 +427,7 @@ def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader:
                     check_result(task, task_metrics)
                     metrics.update(task_metrics)
                     record["main_metric"] = getattr(results[task.name], "metric", None) or next(iter(task_metrics), None)
+                    record["kv_cache"] = kv_cache_cost(model, cell, task)
                 except (Exception, SystemExit) as exc:  # noqa: BLE001
                     task_error = exc
                     if task.name in results:

@@ -34,7 +34,8 @@ def is_diverged(record: dict[str, Any] | None) -> bool:
     value stays in its metrics), so it is not retried, is not an error exit, and still counts in claims."""
     return bool(record) and record.get("status") == FAILED and DIVERGED_MARK in str(record.get("error"))
 # Record fields that hold nested config: flattened into dotted columns by `load_results`.
-_NESTED = ("method_params", "scheme_config", "protocol", "calib", "timings", "versions", "model_source", "info")
+_NESTED = ("method_params", "scheme_config", "protocol", "calib", "timings", "versions", "model_source", "info",
+           "kv_cache")
 
 
 class StoreWarning(UserWarning):
@@ -459,7 +460,7 @@ def load_results(path: str | os.PathLike | None = None):
     """Tidy DataFrame: one row per run x metric; every config field is a column.
 
     Nested config (method_params, scheme_config, protocol, calib, timings, versions, model_source,
-    info) becomes dotted
+    info, kv_cache) becomes dotted
     columns such as `method_params.damp` or `protocol.seqlen`. A failed run gives one row with
     metric NaN and its `error`, so failures stay visible in every table.
     """

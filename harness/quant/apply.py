@@ -71,7 +71,8 @@ def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, qu
       methods that set the weights themselves (GPTQ, ...) pass False;
     - fused experts are replaced by QuantExperts when activations are quantized (otherwise transformers'
       own experts kernel runs, so an identity scheme stays bit-identical);
-    - K/V are quantized inside attention when the scheme has a KV format;
+    - K/V are quantized inside attention when the scheme has a KV format (or policy), and the scheme's
+      attention kernel (e.g. INT8 FlashAttention) replaces the model's;
     - lm_head / embeddings only when the scheme says so; routers and norms never.
     `weight_rounding(w, fmt)` replaces plain RTN (e.g. `harness.gptq.clip_searched_rtn`).
     `keep_fp_weights` keeps the pre-quantization weights on the wrappers (QuantLinear.fp_weight,
@@ -102,7 +103,9 @@ def apply_scheme(model: nn.Module, adapter, scheme: QuantScheme | str | dict, qu
         attn_modules.append(layer.attn)
     if scheme.lm_head or scheme.embeddings:
         _quantize_head_and_embeddings(model, adapter, scheme, wfmt, keep_fp_weights, weight_rounding)
-    if scheme.kv is not None or kv_quant_installed(model) or any(
+    for attn in attn_modules:  # the scheme's attention kernel (None: the model's own)
+        attn.attention_kernel = scheme.attention
+    if scheme.kv is not None or scheme.attention is not None or kv_quant_installed(model) or any(
             getattr(a, "qk_rotation", None) is not None for a in attn_modules):
         install_kv_quant(model, attn_modules, scheme.kv)
     model.ptqbench_scheme = scheme.to_dict()

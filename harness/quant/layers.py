@@ -5,11 +5,15 @@ model's float dtype; what changes is the set of values the weights, activations 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.attention import KERNELS
 from harness.formats import Format, get_format, quantize
+from harness.kv import KVPolicy, install_kv_policy, policy_attention
 from harness.quant.quantizer import InputCache, Quantizer
 
 
@@ -167,17 +171,28 @@ def kv_attention_name(inner: str) -> str:
 
 def _make_kv_attention(inner: str):
     def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
-        """K (after RoPE) and V fake-quantized per head along head_dim; Q/K optionally rotated first."""
+        """K (after RoPE) and V fake-quantized per head along head_dim, or as the module's KV policy
+        stores them (harness.kv); Q/K optionally rotated first."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         rotation = getattr(module, "qk_rotation", None)
         if rotation is not None:  # R3: (q R)(k R)ᵀ = q kᵀ for orthogonal R, so only the quantized K sees it
             query, key = rotation(query), rotation(key)
+        observer = getattr(module, "kv_observer", None)
+        if observer is not None:  # calibration of KV methods: K/V as the cache would receive them
+            observer(module, query, key, value)
+        inner_fn = ALL_ATTENTION_FUNCTIONS[inner]
+        kernel = getattr(module, "attention_kernel", None)
+        if kernel is not None:  # a scheme's attention kernel (INT8 FlashAttention, ...) replaces the inner one
+            fn, fixed = KERNELS[kernel]
+            inner_fn = functools.partial(fn, **fixed)
+        if getattr(module, "kv_policy", None) is not None:
+            return policy_attention(inner_fn, module, query, key, value, attention_mask, **kwargs)
         quantizer = getattr(module, "kv_quantizer", None)
         if quantizer is not None and quantizer.fmt is not None:
             # [batch, kv_heads, tokens, head_dim]: groups never cross heads or tokens
             key, value = quantizer(key), quantizer(value)
-        return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, **kwargs)
+        return inner_fn(module, query, key, value, attention_mask, **kwargs)
 
     return kv_quant_attention
 
@@ -203,7 +218,11 @@ def set_kv_format(attn: nn.Module, fmt: Format | None) -> None:
         quantizer.fmt = fmt
 
 
-def kv_format(attn: nn.Module) -> Format | None:
+def kv_format(attn: nn.Module) -> Format | KVPolicy | None:
+    """What K/V of this attention module are quantized to: a format, a KV policy, or None."""
+    policy = getattr(attn, "kv_policy", None)
+    if policy is not None:
+        return policy
     quantizer = getattr(attn, "kv_quantizer", None)
     return quantizer.fmt if quantizer is not None else None
 
@@ -212,18 +231,21 @@ def kv_quant_installed(model: nn.Module) -> bool:
     return str(getattr(model.config, "_attn_implementation", "")).startswith(KV_PREFIX)
 
 
-def install_kv_quant(model: nn.Module, attn_modules: list[nn.Module], kv_format: Format | None,
+def install_kv_quant(model: nn.Module, attn_modules: list[nn.Module], kv_format: Format | KVPolicy | None,
                      qk_rotation: nn.Module | None = None) -> None:
     """Route every attention through the KV-quantizing wrapper (prefill included, no cache needed).
 
-    Sets `kv_format` (None: K/V untouched) and, when given, the online Q/K rotation `qk_rotation` on
-    each attention module; with both off the outputs are bit-identical to the plain model.
+    Sets `kv_format` (None: K/V untouched; a KVPolicy: windows, sinks, per-channel groups, pre-RoPE keys)
+    and, when given, the online Q/K rotation `qk_rotation` on each attention module; with both off the
+    outputs are bit-identical to the plain model.
     """
     current = model.config._attn_implementation or "sdpa"
     inner = current[len(KV_PREFIX):] if current.startswith(KV_PREFIX) else current
     name = _register_kv_attention(inner)
+    policy = kv_format if isinstance(kv_format, KVPolicy) else None
+    install_kv_policy(attn_modules, policy)
     for attn in attn_modules:
-        set_kv_format(attn, kv_format)
+        set_kv_format(attn, None if policy is not None else kv_format)
         if qk_rotation is not None:
             attn.qk_rotation = qk_rotation
     if current != name:

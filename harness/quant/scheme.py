@@ -5,12 +5,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import InvalidValueError, UnknownNameError
-from harness.formats import Format, get_format
+from harness.formats import Format
+from harness.kv.policy import KVPolicy, as_format
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """Formats for weights (W), linear-layer inputs (A) and the KV cache (K after RoPE, V); None = full precision.
+    """Formats for weights (W), linear-layer inputs (A) and the KV cache; None = full precision.
+
+    `kv` is a format (K after RoPE and V, per head and token along head_dim, every entry quantized) or a
+    `harness.kv.KVPolicy` (per-channel groups, a full-precision window and sinks, pre-RoPE keys).
 
     Every nn.Linear of every decoder layer and every routed expert is covered by W and A. lm_head and the
     embedding table stay in full precision (as QuaRot and its successors do) unless `lm_head` /
@@ -22,9 +26,16 @@ class QuantScheme:
     name: str
     weight: Format | None = None
     activation: Format | None = None
-    kv: Format | None = None
+    kv: Format | KVPolicy | None = None
     lm_head: bool = False
     embeddings: bool = False
+    attention: str | None = None  # an attention kernel (harness.attention.KERNELS), e.g. int8_flash
+
+    def __post_init__(self) -> None:
+        from harness.attention import KERNELS
+
+        if self.attention is not None and self.attention not in KERNELS:
+            raise UnknownNameError("attention kernel", self.attention, KERNELS)
 
     @property
     def full_precision(self) -> list[str]:
@@ -44,19 +55,21 @@ class QuantScheme:
         extra = [part for part in ("lm_head", "embeddings") if part not in self.full_precision]
         if extra:
             out["also_quantized"] = extra
+        if self.attention is not None:  # only when set, as above
+            out["attention"] = self.attention
         return out
 
     @property
     def is_identity(self) -> bool:
-        return self.weight is None and self.activation is None and self.kv is None
+        return self.weight is None and self.activation is None and self.kv is None and self.attention is None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantScheme:
-        """{name, weight|w, activation|a, kv, lm_head, embeddings}: each format a name, a
-        {format: name, **overrides} mapping or null; lm_head / embeddings booleans."""
+        """{name, weight|w, activation|a, kv, lm_head, embeddings, attention}: each format a name, a
+        {format: name, **overrides} mapping or null; lm_head / embeddings booleans; attention a kernel name."""
         aliases = {"w": "weight", "a": "activation", "weights": "weight", "act": "activation",
                    "activations": "activation"}
-        keys = ["name", "weight", "activation", "kv", "lm_head", "embeddings"]
+        keys = ["name", "weight", "activation", "kv", "lm_head", "embeddings", "attention"]
         fields: dict[str, Any] = {}
         for key, value in data.items():
             key = aliases.get(key, key)
@@ -68,23 +81,23 @@ class QuantScheme:
                 fields[key] = value
             elif key == "name":
                 fields[key] = str(value)
+            elif key == "attention":
+                fields[key] = None if value is None else str(value)
+            elif key == "kv" and isinstance(value, dict) and _is_policy(value):
+                fields[key] = KVPolicy.from_dict(value)
             else:
                 fields[key] = _format(value, key)
         fields.setdefault("name", "custom")
         return cls(**fields)
 
 
+def _is_policy(value: dict) -> bool:
+    """A kv mapping is a policy when it names anything but one format: {key, value, window, sinks, ...}."""
+    return "format" not in value or len(set(value) & {f for f in KVPolicy.__dataclass_fields__}) > 0
+
+
 def _format(value: Any, role: str) -> Format | None:
-    if value is None or isinstance(value, Format):
-        return value
-    if isinstance(value, str):
-        return get_format(value)
-    if isinstance(value, dict):
-        spec = dict(value)
-        if "format" not in spec:
-            raise InvalidValueError(f"{role} format", value, "a format name or {format: NAME, field: value}")
-        return get_format(spec.pop("format"), **spec)
-    raise InvalidValueError(f"{role} format", value, "a format name, a {format: ...} mapping, or null")
+    return as_format(value, role)
 
 
 # name -> (weight, activation, kv); KV formats quantize along head_dim (one group per head and token)
@@ -116,9 +129,25 @@ _PRESETS: dict[str, tuple[str | None, str | None, str | None]] = {
     "fp8": ("fp8_e4m3", "fp8_e4m3", None),
 }
 
+# name -> KV policy of a KV-only scheme (weights and activations full precision): the baselines of the KV papers
+_KV_PRESETS: dict[str, dict[str, Any]] = {
+    # per-token asymmetric groups along head_dim, every entry quantized (a fake-quantized prefill)
+    "kv8": {"format": "int8_asym"},
+    "kv4": {"format": "int4_asym"},
+    "kv2": {"format": "int2_asym"},
+    "k4v4_g32": {"format": "int4_asym_g32"},
+    "k2v2_g32": {"format": "int2_asym_g32"},
+    # past-only (WKVQuant): a token reads its own K/V in full precision
+    "kv4_past_only": {"format": "int4_asym", "window": 1},
+    # KIVI: keys per channel over groups of 32 tokens, values per token in groups of 32 channels, the
+    # incomplete key group and the 32 most recent tokens full precision (its residual length)
+    "kivi2": {"key": "int2_asym_g32", "value": "int2_asym_g32", "key_granularity": "per_channel", "window": 32},
+    "kivi4": {"key": "int4_asym_g32", "value": "int4_asym_g32", "key_granularity": "per_channel", "window": 32},
+}
+
 
 def list_schemes() -> list[str]:
-    return sorted(_PRESETS)
+    return sorted([*_PRESETS, *_KV_PRESETS])
 
 
 def get_scheme(name: str | QuantScheme | dict) -> QuantScheme:
@@ -126,7 +155,9 @@ def get_scheme(name: str | QuantScheme | dict) -> QuantScheme:
         return name
     if isinstance(name, dict):
         return QuantScheme.from_dict(name)
+    if name in _KV_PRESETS:
+        return QuantScheme(name, kv=KVPolicy.from_dict(_KV_PRESETS[name]))
     if name not in _PRESETS:
-        raise UnknownNameError("scheme", name, _PRESETS)
+        raise UnknownNameError("scheme", name, [*_PRESETS, *_KV_PRESETS])
     w, a, kv = _PRESETS[name]
     return QuantScheme(name, _format(w, "weight"), _format(a, "activation"), _format(kv, "kv"))

@@ -134,7 +134,7 @@ def protocols_html(df: pd.DataFrame) -> str:
     if df.empty:
         return ""
     mcol = method_column(df)
-    main = df[df["metric"].isin(["ppl", "acc", "kl"]) | df["metric"].isna()]
+    main = df[df["metric"].isin(["ppl", "acc", "kl", "greedy_agreement"]) | df["metric"].isna()]
     rows = []
     for _, r in main.sort_values([c for c in ("model", mcol, "scheme", "task", "seed") if c in main]).iterrows():
         value = "failed" if r.get("status") != "done" else text_of(r.get("value"))
@@ -148,7 +148,7 @@ def protocols_html(df: pd.DataFrame) -> str:
 
 def render_page(*, title: str, scale: str, stamp: str, versions: str, spec: dict[str, Any], results: list[ClaimResult],
                 boards: list, reported: pd.DataFrame | None, failed: pd.DataFrame, plots: list[Path], df: pd.DataFrame,
-                legend: str, calibration: str, seed_note: str, notes_html: str) -> str:
+                legend: str, calibration: str, seed_note: str, notes_html: str, kv: pd.DataFrame | None = None) -> str:
     body = [f"<h1>Reproduction report — {esc(title)}</h1>",
             f"<p class='meta'>Scale <code>{esc(scale)}</code> · generated {esc(stamp)} · {esc(versions or 'versions n/a')}</p>"]
     if notes_html:
@@ -161,6 +161,8 @@ def render_page(*, title: str, scale: str, stamp: str, versions: str, spec: dict
         body += ["<h2>Numbers reported in the paper</h2>", table_html(reported)]
     body.append("<h2>Our results</h2>")
     body += [b.to_html() for b in boards] or ["<p>(no finished runs)</p>"]
+    if kv is not None and not kv.empty:
+        body += ["<h2>KV cache</h2>", table_html(kv)]
     body += [f"<img class='plot' src='{esc(p.name)}' alt='{esc(p.stem)}'>" for p in plots]
     if failed is not None and not failed.empty:
         body += ["<h2>Failed runs</h2>", table_html(failed)]

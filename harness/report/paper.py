@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.report.claims import ClaimResult, ResultLookup, evaluate_claim
-from harness.report.leaderboard import headline_leaderboards
+from harness.report.leaderboard import headline_leaderboards, method_column
 
 VERDICT_MARK = {"reproduced": "✅ reproduced", "contradicted": "❌ contradicted",
                 "inconclusive": "➖ inconclusive", "not run": "⏸ not run"}
@@ -111,6 +111,24 @@ def inline_html(text: str) -> str:
     return "".join(f"<p>{p.strip()}</p>" for p in re.split(r"\n\s*\n", out) if p.strip())
 
 
+KV_COLUMNS = {"kv_cache.key_bits": "K bits", "kv_cache.value_bits": "V bits",
+              "kv_cache.bytes_per_token": "bytes / token", "kv_cache.compression_vs_16bit": "× vs 16-bit",
+              "kv_cache.context": "context"}
+
+
+def kv_cache_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """What each run's KV cache stores (harness.kv.kv_accounting), for the runs that quantize it; None if none do."""
+    if df.empty or "kv_cache.bits_per_element" not in df.columns:
+        return None
+    rows = df[(df["status"] == "done") & (df["kv_cache.bits_per_element"] < 16)]
+    if rows.empty:
+        return None
+    mcol = method_column(rows)
+    cols = [c for c in KV_COLUMNS if c in rows.columns]
+    table = rows[["model", mcol, "scheme", *cols]].drop_duplicates().rename(columns={mcol: "method", **KV_COLUMNS})
+    return table.sort_values(["model", "method", "scheme"]).reset_index(drop=True)
+
+
 def calibration_line(df: pd.DataFrame) -> str:
     """The calibration sets the numbers depend on (corpus, windows x tokens), or '' when nothing calibrated."""
     cols = ["calib.corpus", "calib.n", "calib.seqlen"]
@@ -124,6 +142,11 @@ def _versions(df: pd.DataFrame) -> str:
     cols = [c for c in df.columns if c.startswith("versions.")]
     return ", ".join(f"{c.removeprefix('versions.')} {sorted(map(str, df[c].dropna().unique()))[0]}"
                      for c in sorted(cols) if df[c].notna().any())
+
+
+KV_NOTE = ("Bits per stored K / V element at the evaluation context: the element bits, each group's 16-bit scale "
+           "(and zero point) shared over the group, and the full-precision tokens (window, sinks, an incomplete "
+           "group) at 16 bits; bytes per token over every layer and KV head.")
 
 
 def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Path, scale: str = "smoke",
@@ -150,6 +173,9 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
         md += ["## Numbers reported in the paper", "", reported.to_markdown(index=False, tablefmt="github"), ""]
     md += ["## Our results", ""]
     md += [b.to_markdown() for b in boards] or ["(no finished runs)"]
+    kv = kv_cache_table(df)
+    if kv is not None:
+        md += ["## KV cache", "", KV_NOTE, "", kv.to_markdown(index=False, tablefmt="github"), ""]
     for plot in plots or []:
         md += [f"![{plot.stem}]({plot.name})", ""]
     if not failed.empty:
@@ -160,7 +186,7 @@ def write_paper_report(spec: dict[str, Any], df: pd.DataFrame, out_dir: str | Pa
     from harness.report.page import render_page
 
     page = render_page(title=title, scale=str(scale), stamp=stamp, versions=_versions(df), spec=spec, results=results,
-                       boards=boards, reported=reported, failed=failed, plots=list(plots or []), df=df,
+                       boards=boards, reported=reported, failed=failed, plots=list(plots or []), df=df, kv=kv,
                        legend=LEGEND.replace("*", ""), calibration=calib, seed_note=SEED_NOTE.replace("`", ""),
                        notes_html=inline_html(spec["notes"]) if spec.get("notes") else "")
     (out / "report.html").write_text(page)

@@ -1,6 +1,7 @@
 """Plots from the tidy results table (matplotlib, PNG + SVG).
 
 - metric vs bits per method (bits = weight bits per element of the scheme, scale overhead included)
+- metric vs KV-cache bits per element (as each run recorded it)
 - per-format bars (one metric, methods side by side for every scheme)
 - accuracy vs calibration cost scatter
 - FP-gap heatmap (method x scheme, metric minus the FP baseline)
@@ -93,6 +94,31 @@ def format_bars(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None =
     ax.set_title(board.title)
     ax.legend(fontsize=8)
     return _save(fig, out_dir, f"{prefix}{metric}_by_format")
+
+
+def metric_vs_kv_bits(df: pd.DataFrame, metric: str, out_dir: Path, task: str | None = None, model: str | None = None,
+                      prefix: str = "") -> list[Path]:
+    """metric vs the bits per stored KV element each run recorded (`kv_cache.bits_per_element`, scales and
+    full-precision tokens included): one point per (method, scheme), so a window's cost shows. No KV
+    quantization among the runs: no plot."""
+    rows = _done(df, metric, task, model)
+    if "kv_cache.bits_per_element" not in rows.columns or not (rows["kv_cache.bits_per_element"] < 16).any():
+        return []
+    mcol = method_column(rows)
+    points = rows.groupby([mcol, "scheme"]).agg(value=("value", "mean"), bits=("kv_cache.bits_per_element", "first"))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, group in points.reset_index().groupby(mcol):
+        ax.scatter(group["bits"], group["value"], label=method)
+        for _, point in group.iterrows():
+            ax.annotate(str(point["scheme"]), (point["bits"], point["value"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("KV cache bits per element (scales and full-precision tokens included)")
+    ax.set_ylabel(metric)
+    ax.set_yscale("log" if metric == "ppl" else "linear")
+    ax.set_title(f"{metric} vs KV bits — {model or ''} {task or ''}".strip())
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, f"{prefix}{metric}_vs_kv_bits")
 
 
 def cost_scatter(df: pd.DataFrame, metric: str, out_dir: Path, cost_metric: str = "calib_seconds",

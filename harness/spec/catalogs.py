@@ -13,7 +13,7 @@ PPL_DATASETS = ("wikitext2", "c4", "ptb")
 
 
 def task_catalog() -> dict[str, str]:
-    """Known task names -> kind ("ppl", "lm_eval", "kl")."""
+    """Known task names -> kind ("ppl", "lm_eval", "kl", "greedy")."""
     out = {name: "ppl" for name in PPL_DATASETS}
     try:
         from harness import eval as heval
@@ -27,6 +27,7 @@ def task_catalog() -> dict[str, str]:
     except (ImportError, AttributeError):
         pass
     out["kl"] = "kl"
+    out["greedy"] = "greedy"
     return out
 
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # "ppl" | "lm_eval" | "kl"
+    kind: str  # "ppl" | "lm_eval" | "kl" | "greedy"
     settings: dict[str, Any]
 
     @property

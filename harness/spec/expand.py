@@ -279,8 +279,8 @@ def _resolve_tasks(where: Located, entries: list, defaults: dict, loc) -> list[T
             else:
                 msg = f"{key}: {err.get('msg')} (got {short(err.get('input'))})"
             raise where.error(loc("tasks", i), msg) from None
-        if kind == "kl" and settings["dataset"] not in catalogs.PPL_DATASETS:
-            raise where.error(loc("tasks", i), f"unknown kl dataset {short(settings['dataset'])}; choose one of: "
+        if kind in ("kl", "greedy") and settings["dataset"] not in catalogs.PPL_DATASETS:
+            raise where.error(loc("tasks", i), f"unknown {kind} dataset {short(settings['dataset'])}; choose one of: "
                               f"{', '.join(catalogs.PPL_DATASETS)}")
         if name in seen:
             raise where.error(loc("tasks", i), f"task {short(name)} is listed twice")

@@ -39,7 +39,15 @@ class KlSettings(Strict):
     topk: PositiveInt = 64  # FP top-k logits kept per token (+ one tail bucket); harness.eval.DEFAULT_TOPK
 
 
-KIND_SETTINGS: dict[str, type[Strict]] = {"ppl": PplSettings, "lm_eval": LmEvalSettings, "kl": KlSettings}
+class GreedySettings(Strict):
+    dataset: str = "wikitext2"
+    prompt_len: PositiveInt = 256  # prompt tokens (the first tokens of each evaluation window)
+    new_tokens: PositiveInt = 64  # FP greedy tokens to agree with
+    prompts: PositiveInt = 8
+
+
+KIND_SETTINGS: dict[str, type[Strict]] = {"ppl": PplSettings, "lm_eval": LmEvalSettings, "kl": KlSettings,
+                                          "greedy": GreedySettings}
 #: Task settings that change only the speed, never the number: left out of the run id.
 NOT_HASHED = {"lm_eval": {"batch_size"}, "ppl": {"batch_size"}}
 
@@ -62,6 +70,7 @@ class Matrix(Strict):
     ppl: dict[str, Any] | None = None
     lm_eval: dict[str, Any] | None = None
     kl: dict[str, Any] | None = None
+    greedy: dict[str, Any] | None = None
     include: list[Any] | None = None
     exclude: list[Any] | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
@@ -85,7 +94,7 @@ class SpecFile(Matrix):
 
 
 #: Keys a scale merges into the top level key by key (every other key it replaces).
-MERGED_MAPPINGS = ("ppl", "lm_eval", "kl")
+MERGED_MAPPINGS = ("ppl", "lm_eval", "kl", "greedy")
 SEED_LIMIT = 2 ** 63
 #: torch intra-op threads of a cell unless the spec says `threads:`. CPU results depend on the thread count
 #: (a blocked Cholesky or reduction sums in another order), so it is fixed per cell, not taken from the machine:
