@@ -48,7 +48,7 @@ test-unit: setup
 
 bench: setup
 	$(PY) benchmarks/bench_formats.py
-	@for b in benchmarks/bench_ppl.py benchmarks/bench_gptq.py; do \
+	@for b in benchmarks/bench_ppl.py benchmarks/bench_gptq.py benchmarks/bench_int8_flash.py; do \
 		if [ -f $$b ]; then $(PY) $$b || exit 1; fi; done
 
 gpu-check: setup
