@@ -83,6 +83,7 @@ class SKVQ(Method):
     """Reordered, clipped group quantization of K and V with a full-precision sliding window and sinks."""
 
     version = 1
+    state_type = SKVQState
 
     class Params(MethodParams):
         window: NonNegativeInt = 128  # most recent tokens in full precision (paper: 128)

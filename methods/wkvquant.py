@@ -66,6 +66,7 @@ class WKVQuant(Method):
     """Past-only KV quantization, learned 2-D KV smoothing and weight clipping with a cross-block loss."""
 
     version = 1
+    state_type = WKVQuantState
 
     class Params(MethodParams):
         past_only: bool = True  # a token reads its own K/V unquantized

@@ -228,8 +228,13 @@ def test_state_round_trip(name, family, tmp_path):
     typed = isinstance(state, State)
     assert typed, (f"{name}.calibrate returned a {type(state).__module__}.{type(state).__qualname__}, "
                    f"not a harness.state.State (typed dataclass state)")
+    # the calibration cache loads a state through the method's declared state_type: it must be this class
+    declared = get_method(name).state_type
+    assert isinstance(state, declared) and type(state).__name__ == declared.__name__, (
+        f"{name}.calibrate returned a {type(state).__qualname__} but declares state_type {declared.__qualname__}: "
+        "a cached calibration would not load")
     state.save(tmp_path / "state")
-    back = type(state).load(tmp_path / "state")
+    back = declared.load(tmp_path / "state")
     assert type(back) is type(state)
     diff = state_difference(state, back)
     assert diff is None, f"{name} on {family}: the state does not survive save/load bit for bit: {diff}"
