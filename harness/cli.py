@@ -142,8 +142,9 @@ def _cmd_list(kind: str) -> None:
 
         for name in list_schemes():
             scheme = get_scheme(name)
-            parts = [f"{part} {getattr(scheme, attr).name}" for part, attr in
-                     (("W", "weight"), ("A", "activation"), ("KV", "kv")) if getattr(scheme, attr) is not None]
+            parts = [f"{part} {_kv_name(getattr(scheme, attr)) if attr == 'kv' else getattr(scheme, attr).name}"
+                     for part, attr in (("W", "weight"), ("A", "activation"), ("KV", "kv"))
+                     if getattr(scheme, attr) is not None]
             print(f"{name:18s} {', '.join(parts) or 'full precision'}")
     elif kind == "models":
         from harness.models import list_models
@@ -462,3 +463,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _kv_name(kv) -> str:
+    """A KV format's name, or a KV policy in one line (K / V formats, granularity, window, sinks, pre-RoPE)."""
+    if hasattr(kv, "name"):
+        return kv.name
+    fmt = (lambda f: f.name if f is not None else "fp")
+    text = f"K {fmt(kv.key)} ({kv.key_granularity}) / V {fmt(kv.value)} ({kv.value_granularity})"
+    text += f", window {kv.window}" if kv.window else ""
+    text += f", sinks {kv.sinks}" if kv.sinks else ""
+    return text + (", pre-RoPE keys" if kv.pre_rope_keys else "")

@@ -3,7 +3,7 @@
 One program per (BLOCK_M queries, batch · head); key tiles of BLOCK_N from the first visible one to the
 diagonal, in order, as the torch reference walks them. INT8 Q·Kᵀ and P·V dots accumulate in INT32. On a
 CPU it runs under the Triton interpreter (TRITON_INTERPRET=1), which the tests use; its speed is measured
-on a GPU by benchmarks/int8_flash.py.
+on a GPU by benchmarks/bench_int8_flash.py.
 """
 from __future__ import annotations
 
