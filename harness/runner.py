@@ -203,7 +203,8 @@ def kv_cache_cost(model: Any, cell: Cell, task: TaskSpec) -> dict[str, Any] | No
     config = getattr(model, "config", None)
     if config is None or not hasattr(getattr(config, "text_config", None) or config, "num_hidden_layers"):
         return None
-    return kv_accounting(installed_kv(model), config, int(task.settings.get("seqlen") or 2048))
+    return kv_accounting(installed_kv(model), config, int(task.settings.get("seqlen") or 2048),
+                         installed_kv_codecs(model))
 
 
 def installed_kv(model: Any):
@@ -217,6 +218,11 @@ def installed_kv(model: Any):
             if found is not None:
                 return found
     return None
+
+
+def installed_kv_codecs(model: Any) -> list[dict[str, Any]]:
+    """Each KV-policy attention module's codecs (`kv_codecs`, set by a method), in module order."""
+    return [getattr(m, "kv_codecs", None) or {} for m in model.modules() if getattr(m, "kv_policy", None) is not None]
 
 
 def default_loader(cell: Cell):

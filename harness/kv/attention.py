@@ -23,7 +23,7 @@ def _rope_of(module, kv_len: int):
     stashed = getattr(module, "kv_rope", None)
     if stashed is None or stashed[0].shape[-2] != kv_len:
         raise RuntimeError("pre-RoPE key quantization needs the RoPE of every key: evaluate whole windows, or "
-                           "decode with harness.kv.cache.PolicyCache (a transformers cache holds post-RoPE keys only)")
+                           "decode with harness.kv.cache.policy_cache (a transformers cache holds post-RoPE keys only)")
     return stashed
 
 
@@ -41,7 +41,7 @@ def quantize_keys(policy: KVPolicy, module, key: torch.Tensor, start: int = 0, r
     """Keys as stored: pre-RoPE keys are un-rotated, quantized and rotated back (cos / sin of these positions
     from `rope_of`, else the module's stash of this forward)."""
     groups = kv_codec(module, "key")
-    if policy.key is None or not policy.pre_rope_keys:
+    if not policy.stores("key") or not policy.pre_rope_keys:
         return policy.quantize("key", key, start, groups)
     if getattr(module, "qk_rotation", None) is not None:  # un-RoPE of rotated keys would be meaningless
         raise NotImplementedError("pre-RoPE key quantization with an online Q/K rotation (QuaRot's R3, ...): "

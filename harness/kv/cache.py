@@ -24,7 +24,7 @@ class PolicyCacheLayer(DynamicLayer):
         self.cos = self.sin = None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.policy.key is not None and self.policy.pre_rope_keys:
+        if self.policy.stores("key") and self.policy.pre_rope_keys:
             cos, sin = self.attn.kv_rope
             self.cos = cos if self.cos is None else torch.cat([self.cos, cos], dim=-2)
             self.sin = sin if self.sin is None else torch.cat([self.sin, sin], dim=-2)
@@ -35,7 +35,7 @@ class PolicyCacheLayer(DynamicLayer):
 
     def _settle(self, role: str) -> None:
         """Quantize every unit that has left the window at the current step (the newest position)."""
-        if getattr(self.policy, role) is None:
+        if not self.policy.stores(role):
             return
         store = self.keys if role == "key" else self.values
         now = store.shape[-2] - 1
@@ -60,7 +60,7 @@ def policy_cache(policy: KVPolicy, attn_modules) -> Cache:
     """A cache of one PolicyCacheLayer per attention module (decoder layer order). Read it with attention
     that has no policy of its own (`install_kv_policy(attn_modules, None)`), or K/V would be quantized twice;
     the modules' `kv_codecs` (SKVQ's clusters, WKVQuant's smoothing) are used."""
-    if policy.key is not None and policy.pre_rope_keys:
+    if policy.stores("key") and policy.pre_rope_keys:
         for attn in attn_modules:
             stash_rope(attn)
     return Cache(layers=[PolicyCacheLayer(policy, attn) for attn in attn_modules])

@@ -26,6 +26,7 @@ from harness.errors import InvalidValueError, UnknownNameError
 from harness.formats import Format, get_format, quantize
 
 GRANULARITIES = ("per_token", "per_channel")
+ROLES = ("key", "value")
 #: Bits of the metadata stored per quantization group, by the format's scale type (scale and, for
 #: asymmetric INT, the zero point, each stored in 16 bits as KIVI / SKVQ do; E8M0 / E4M3 block scales 8).
 _SCALE_BITS = {"fp32": 16, "e8m0": 8, "e4m3": 8}
@@ -42,6 +43,8 @@ class KVPolicy:
         as a fake-quantized prefill does; 1: past-only quantization, WKVQuant).
     sinks: the first tokens kept in full precision (attention sinks, SKVQ).
     pre_rope_keys: keys are quantized before RoPE (SKVQ, KIVI) and rotated after dequantization.
+    compressed: roles the attention module's codec (`kv_codecs`) stores in its own form even without a
+        format (CSKV's low-rank channel shrinking; with a format the codec also quantizes what it keeps).
     """
 
     key: Format | None = None
@@ -51,12 +54,20 @@ class KVPolicy:
     window: int = 0
     sinks: int = 0
     pre_rope_keys: bool = False
+    compressed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for role in ("key", "value"):
+        object.__setattr__(self, "compressed", tuple(self.compressed))
+        for role in self.compressed:
+            if role not in ROLES:
+                raise InvalidValueError("kv compressed role", role, ", ".join(ROLES))
+        for role in ROLES:
             fmt, gran = getattr(self, role), getattr(self, f"{role}_granularity")
             if gran not in GRANULARITIES:
                 raise InvalidValueError(f"kv {role}_granularity", gran, ", ".join(GRANULARITIES))
+            if role in self.compressed and gran != "per_token":
+                raise InvalidValueError(f"kv {role}_granularity of a compressed role", gran,
+                                        "per_token (a codec stores each token's vector)")
             if fmt is None:
                 continue
             # a scale over the whole tensor or sequence would let future tokens change past entries
@@ -75,7 +86,11 @@ class KVPolicy:
     # ---- which entries are stored quantized -------------------------------------------------
     @property
     def quantizes(self) -> bool:
-        return self.key is not None or self.value is not None
+        return any(self.stores(role) for role in ROLES)
+
+    def stores(self, role: str) -> bool:
+        """True when old entries of this role are stored transformed (quantized and / or compressed)."""
+        return getattr(self, role) is not None or role in self.compressed
 
     def position_free(self, role: str) -> bool:
         """True when whether an entry is read quantized does not depend on the query: every entry a
@@ -92,7 +107,7 @@ class KVPolicy:
 
     def read_quantized(self, role: str, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """[queries, keys] bool: the cache entry at key_pos is stored quantized when query_pos is decoded."""
-        if getattr(self, role) is None:
+        if not self.stores(role):
             return torch.zeros(len(query_pos), len(key_pos), dtype=torch.bool, device=key_pos.device)
         end = self._unit_end(role, key_pos)
         return (key_pos >= self.sinks)[None, :] & (end[None, :] <= (query_pos[:, None] - self.window))
@@ -102,14 +117,18 @@ class KVPolicy:
         """Every complete unit of x [batch, heads, tokens, head_dim] (tokens at positions start, start+1, ...)
         fake-quantized as the cache would store it; entries in no complete unit (sinks, a partial group)
         are returned unchanged. `codec`: a method's per-token quantizer (`codec.quantize(x, fmt)`: SKVQ's
-        channel clusters, WKVQuant's channel smoothing) instead of the format's groups along head_dim.
-        Under autograd the rounding is straight-through (methods that learn through the cache)."""
+        channel clusters, WKVQuant's channel smoothing, CSKV's low-rank features with fmt None or a format)
+        instead of the format's groups along head_dim. Under autograd the rounding is straight-through
+        (methods that learn through the cache)."""
         fmt = getattr(self, role)
-        if fmt is None:
+        if not self.stores(role):
             return x
         if getattr(self, f"{role}_granularity") == "per_token":
             if codec is not None:
                 return codec.quantize(x, fmt)
+            if fmt is None:
+                raise RuntimeError(f"the kv policy stores {role}s compressed but the attention module has no "
+                                   f"{role} codec (kv_codecs): install the method that compresses them")
             q = quantize(x.detach(), fmt)
             return x + (q - x).detach() if x.requires_grad else q
         g = fmt.group_size
@@ -129,7 +148,8 @@ class KVPolicy:
         return {"key": self.key.to_dict() if self.key else None,
                 "value": self.value.to_dict() if self.value else None,
                 "key_granularity": self.key_granularity, "value_granularity": self.value_granularity,
-                "window": self.window, "sinks": self.sinks, "pre_rope_keys": self.pre_rope_keys}
+                "window": self.window, "sinks": self.sinks, "pre_rope_keys": self.pre_rope_keys,
+                "compressed": list(self.compressed)}
 
     def with_(self, **overrides) -> KVPolicy:
         return dataclasses.replace(self, **overrides)
@@ -151,18 +171,28 @@ class KVPolicy:
             data[role] = as_format(data.get(role), f"kv {role}")
         if "pre_rope_keys" in data and not isinstance(data["pre_rope_keys"], bool):
             raise InvalidValueError("kv pre_rope_keys", data["pre_rope_keys"], "true or false")
+        if not isinstance(data.get("compressed", ()), (list, tuple)):
+            raise InvalidValueError("kv compressed", data["compressed"], "a list of roles: key, value")
         return cls(**data)
 
     # ---- storage accounting ---------------------------------------------------------------------
-    def bits_per_element(self, role: str, context: int, head_dim: int) -> float:
+    def bits_per_element(self, role: str, context: int, head_dim: int, codec=None) -> float:
         """Average stored bits per K (or V) element over a `context`-token cache, metadata and the
-        full-precision tokens (sinks, window, an incomplete group) included."""
+        full-precision tokens (sinks, window, an incomplete group) included. A codec with `stored_bits(fmt,
+        head_dim)` says what one transformed entry costs per original element (CSKV: its kept fraction)."""
         fmt = getattr(self, role)
-        if fmt is None:
+        if not self.stores(role):
             return float(FP_BITS)
+        if codec is not None and hasattr(codec, "stored_bits"):
+            per_entry = codec.stored_bits(fmt, head_dim)
+        elif fmt is None:
+            raise InvalidValueError(f"codec for compressed {role}s", type(codec).__name__,
+                                    "a codec with stored_bits(fmt, head_dim)")
+        else:
+            per_entry = stored_bits(fmt, head_dim)
         pos = torch.arange(context)
         stored_q = int(self.read_quantized(role, torch.tensor([context - 1]), pos).sum())
-        return (stored_q * stored_bits(fmt, head_dim) + (context - stored_q) * FP_BITS) / context
+        return (stored_q * per_entry + (context - stored_q) * FP_BITS) / context
 
 
 def stored_bits(fmt: Format, head_dim: int) -> float:
@@ -245,11 +275,12 @@ def as_format(value: Any, role: str) -> Format | None:
     raise InvalidValueError(f"{role} format", value, "a format name, a {format: ...} mapping, or null")
 
 
-def kv_accounting(policy: KVPolicy | Format | None, config: Any, context: int) -> dict[str, Any]:
+def kv_accounting(policy: KVPolicy | Format | None, config: Any, context: int,
+                  codecs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What a `context`-token cache costs at a model's geometry: bits per stored K / V element (scales,
     zero points and full-precision tokens included), bytes per token over all layers, and the
     compression against a 16-bit cache. A plain format quantizes every entry (per-tensor scales are
-    counted as free)."""
+    counted as free). `codecs`: each layer's `kv_codecs` (bits are averaged over the layers)."""
     text = getattr(config, "text_config", None) or config
     layers = text.num_hidden_layers
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -258,8 +289,9 @@ def kv_accounting(policy: KVPolicy | Format | None, config: Any, context: int) -
         k_bits = v_bits = stored_bits(policy, head_dim)
     else:
         policy = policy or KVPolicy()
-        k_bits = policy.bits_per_element("key", context, head_dim)
-        v_bits = policy.bits_per_element("value", context, head_dim)
+        per_layer = codecs or [{}]
+        k_bits, v_bits = (sum(policy.bits_per_element(role, context, head_dim, (layer or {}).get(role))
+                              for layer in per_layer) / len(per_layer) for role in ROLES)
     per_token_bits = layers * kv_heads * head_dim * (k_bits + v_bits)
     return {"context": context, "key_bits": round(k_bits, 4), "value_bits": round(v_bits, 4),
             "bits_per_element": round((k_bits + v_bits) / 2, 4),

@@ -101,6 +101,9 @@ def test_per_channel_quantizes_complete_token_groups_per_channel():
     (dict(format="int4_asym", key_granularity="per_channel"), "group format"),
     (dict(format="int4_asym", key_granularity="per_head"), "per_token, per_channel"),
     (dict(format="int4_asym", window=-1), "integer >= 0"),
+    (dict(compressed=["query"]), "key, value"),
+    (dict(compressed=["key"], key_granularity="per_channel", key="int2_asym_g32"), "per_token"),
+    (dict(compressed="key"), "a list of roles"),
 ])
 def test_bad_policies_are_one_line_errors(bad, match):
     with pytest.raises(InvalidValueError, match=match):
