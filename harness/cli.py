@@ -256,7 +256,8 @@ def _cmd_run(args) -> int:
         _track_summary(spec.name, {rid for c in cells for rid in c.run_ids.values()}, store, track_state)
     progress.write(f"{spec.name}{'/' + args.scale if args.scale else ''}: {summary.total} runs: "
                    f"{summary.done} done, {summary.failed} failed, {summary.skipped} skipped "
-                   f"(already recorded) in {wall:.1f} s; records in {store.runs}")
+                   f"(already recorded{f'; {summary.adopted} adopted: code they ran is unchanged' if summary.adopted else ''}) "
+                   f"in {wall:.1f} s; records in {store.runs}")
     cache_bytes, states = store.cache_bytes()
     if states:
         progress.write(f"calibration cache: {_mb(cache_bytes)} in {states} states (`ptqbench cache du`, "
@@ -415,6 +416,10 @@ def _terminate_as_interrupt() -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     import functools
     import warnings
+
+    from harness import fingerprint
+
+    fingerprint.start()  # before any computing code runs: records say what they executed
 
     if not getattr(warnings.formatwarning, "_ptqbench", False):
         fmt = functools.partial(_format_warning, _default=warnings.formatwarning)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from harness import progress, runner
 from harness.claims import Claim
 from harness.executors import Executor, get_executor
+from harness import fingerprint
 from harness.spec import Cell, library_versions
+from harness.spec.code import method_code_hash
+from harness.spec.hashing import run_identity
 from harness.store import DONE, FAILED, Store, is_diverged
 
 
@@ -24,6 +28,7 @@ class Summary:
     failed: int = 0
     diverged: int = 0  # of the failed ones: measured but above harness.runner.DIVERGED_PPL
     elsewhere: int = 0  # of the skipped ones: claimed by another driver on the same results directory
+    adopted: int = 0  # of the skipped ones: an older record whose executed code is unchanged (harness.fingerprint)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -40,13 +45,46 @@ def _settled(record: dict | None, retry_failed: bool) -> bool:
     return status == DONE or is_diverged(record) or (status == FAILED and not retry_failed)
 
 
-def _plan(cells: Iterable[Cell], store: Store, retry_failed: bool) -> tuple[list[Cell], int, dict[str, dict | None]]:
-    todo, skipped, seen = [], 0, {}
+class Adopter:
+    """Finds, for a run id without a record, a record of the same run (same identity, older code) whose
+    executed code is unchanged on disk (harness.fingerprint.still_current), and copies it under the
+    new id with `adopted_from`. The store is scanned once, on the first miss."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._by_identity: dict[str, list[dict]] | None = None
+
+    def _index(self) -> dict[str, list[dict]]:
+        if self._by_identity is None:
+            self._by_identity = {}
+            for record in self.store.records():
+                if record.get("identity") and record.get("code_executed") and _settled(record, retry_failed=True):
+                    self._by_identity.setdefault(record["identity"], []).append(record)
+        return self._by_identity
+
+    def adopt(self, run_id: str, identity: str, code: str) -> dict | None:
+        candidates = sorted(self._index().get(identity, []), key=lambda r: str(r.get("created_at")), reverse=True)
+        for old in candidates:
+            if old["run_id"] != run_id and fingerprint.still_current(old["code_executed"]):
+                record = {**old, "run_id": run_id, "adopted_from": old["run_id"],
+                          "computed_as": old.get("computed_as") or old["run_id"], "code": code,
+                          "adopted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                self.store.write(record)
+                return record
+        return None
+
+
+def _plan(cells: Iterable[Cell], store: Store, retry_failed: bool,
+          adopter: Adopter | None = None) -> tuple[list[Cell], int, dict[str, dict | None], int]:
+    todo, skipped, seen, adopted = [], 0, {}, 0
     for cell in cells:
         keep = set()
         for task in cell.tasks:
             rid = cell.run_ids[task.name]
             record = store.get(rid)
+            if not _settled(record, retry_failed) and adopter is not None:
+                record = adopter.adopt(rid, run_identity(cell, task), method_code_hash(cell.method_module)) or record
+                adopted += bool(record and record.get("adopted_from"))
             if _settled(record, retry_failed):
                 skipped += 1
             else:
@@ -54,7 +92,7 @@ def _plan(cells: Iterable[Cell], store: Store, retry_failed: bool) -> tuple[list
                 seen[rid] = record
         if keep:
             todo.append(cell.with_tasks(keep))
-    return todo, skipped, seen
+    return todo, skipped, seen, adopted
 
 
 def plan(cells: Iterable[Cell], store: Store, retry_failed: bool = True) -> tuple[list[Cell], int]:
@@ -63,7 +101,7 @@ def plan(cells: Iterable[Cell], store: Store, retry_failed: bool = True) -> tupl
     Done and diverged runs are always skipped. Other failed runs are retried by default (a failure can
     be transient: out of memory, a killed worker); `retry_failed=False` skips them too.
     """
-    todo, skipped, _ = _plan(cells, store, retry_failed)
+    todo, skipped, _, _ = _plan(cells, store, retry_failed)
     return todo, skipped
 
 
@@ -105,11 +143,13 @@ class _Claims:
 
 def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Executor = "local",
                retry_failed: bool = True, on_record: Callable[[dict], None] | None = None,
-               check_data: bool = True) -> Summary:
-    """Run every pending (cell, task), write each record as it arrives, and summarise."""
+               check_data: bool = True, adopt: bool = True) -> Summary:
+    """Run every pending (cell, task), write each record as it arrives, and summarise. `adopt`: reuse an
+    older record of a run whose executed code did not change (see `Adopter`) instead of recomputing it."""
     store = store or Store()
-    todo, skipped, seen = _plan(cells, store, retry_failed)
-    summary = Summary(total=sum(len(c.tasks) for c in cells), skipped=skipped)
+    identities = {c.run_ids[t.name]: run_identity(c, t) for c in cells for t in c.tasks}
+    todo, skipped, seen, adopted = _plan(cells, store, retry_failed, Adopter(store) if adopt else None)
+    summary = Summary(total=sum(len(c.tasks) for c in cells), skipped=skipped, adopted=adopted)
     ex = get_executor(executor) if isinstance(executor, str) else executor
     # Versions are read once here so every record of this invocation reports the same ones.
     library_versions()
@@ -123,6 +163,7 @@ def run_matrix(cells: list[Cell], store: Store | None = None, executor: str | Ex
     records = ex.run(claims.cells(todo), store.root)
     try:
         for record in records:
+            record.setdefault("identity", identities.get(record["run_id"]))
             store.write(record)
             claims.release(record["run_id"])
             if record["status"] == DONE:

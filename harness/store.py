@@ -23,6 +23,7 @@ from typing import Any
 
 from harness.claims import Claim
 from harness.errors import PtqbenchError, UnknownNameError
+from harness import fingerprint
 
 DONE, FAILED = "done", "failed"
 #: The error text of a run whose perplexity was measured but diverged (written by harness.runner.check_result).
@@ -295,6 +296,7 @@ class Store:
             state.save(tmp)
             # what computed it, readable without the state's codec (`ptqbench cache du`)
             info = {k: v for k, v in (state.meta.get("_ptqbench") or {}).items() if k in ("cell", "created_at")}
+            info["code_executed"] = fingerprint.snapshot()  # what computed it (harness.fingerprint)
             (tmp / CALIB_INFO).write_text(json.dumps(info, indent=1) + "\n")
             write_manifest(tmp)
             try:
@@ -307,6 +309,13 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+    def calib_info(self, key: str) -> dict[str, Any]:
+        """The cached state's info.json (cell, created_at, code_executed), {} if none is readable."""
+        try:
+            return json.loads((self.calib_dir(key) / CALIB_INFO).read_text())
+        except (OSError, ValueError):
+            return {}
 
     def calib_entries(self) -> list[dict[str, Any]]:
         """Every cached calibration: key, bytes, what computed it (cell), when, and whether a run record uses it."""
@@ -470,7 +479,7 @@ def load_results(path: str | os.PathLike | None = None):
     for record in Store(path).records():
         base: dict[str, Any] = {}
         for key, value in record.items():
-            if key == "metrics":
+            if key in ("metrics", "code_executed"):  # code_executed: provenance, kilobytes per record
                 continue
             if key in _NESTED and isinstance(value, dict):
                 _flatten(key, value, base)

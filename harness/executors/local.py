@@ -11,6 +11,7 @@ import torch
 
 from harness import runner
 from harness.executors import Executor, register_executor
+from harness import fingerprint
 from harness.spec import Cell
 from harness.store import Store
 
@@ -58,4 +59,9 @@ class LocalExecutor(Executor):
         store = Store(store_root)
         loader = ReusingLoader(self.model_loader) if self.reuse_models else self.model_loader
         for cell in cells:
-            yield from runner.run_cell(cell, store, model_loader=loader, evaluators=self.evaluators)
+            fingerprint.track_package(cell.method_module.split(".")[0])
+            for record in runner.run_cell(cell, store, model_loader=loader, evaluators=self.evaluators):
+                # what this process executed (None unless recording: harness.fingerprint)
+                record["code_executed"] = fingerprint.for_record(record, store.calib_info(record["calib_key"])
+                                                                 if record.get("calib_key") else None)
+                yield record

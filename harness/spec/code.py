@@ -30,7 +30,7 @@ ENGINE = "harness.runner"
 #: Modules that only name, move, store or print numbers: neither hashed nor followed.
 NOT_COMPUTING = ("harness.spec", "harness.store", "harness.claims", "harness.progress", "harness.registry",
                  "harness.errors", "harness.devices", "harness.env", "harness.tracking", "harness.report",
-                 "harness.cli", "harness.executors", "harness.driver", "harness.reproduce")
+                 "harness.cli", "harness.executors", "harness.driver", "harness.reproduce", "harness.fingerprint")
 
 
 @functools.lru_cache(maxsize=None)

@@ -76,3 +76,11 @@ def run_key(cell: Cell, task: TaskSpec) -> dict[str, Any]:
 
 def run_id(cell: Cell, task: TaskSpec) -> str:
     return content_hash(run_key(cell, task))
+
+
+def run_identity(cell: Cell, task: TaskSpec) -> str:
+    """The run key without the code hash: records of one run under two versions of the code share it
+    (harness.fingerprint decides whether the older one still holds)."""
+    key = run_key(cell, task)
+    key.pop("code")
+    return content_hash(key)
