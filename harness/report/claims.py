@@ -75,7 +75,12 @@ class Estimate:
         if self.draws is not None or other.draws is not None:
             draws = op(self.draws if self.draws is not None else self.mean,
                        other.draws if other.draws is not None else other.mean)
-        paired = self.paired_on if self.paired_on == other.paired_on else None
+        if other.draws is None:  # a constant keeps the pairing of the other term
+            paired = self.paired_on
+        elif self.draws is None:
+            paired = other.paired_on
+        else:
+            paired = self.paired_on if self.paired_on == other.paired_on else None
         return Estimate(mean, std, min(self.n, other.n), max(self.diverged, other.diverged), draws, paired)
 
     @property
