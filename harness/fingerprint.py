@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import os
 import sys
 import threading
 import time
@@ -55,6 +56,8 @@ def start() -> bool:
     has been imported yet (the CLI calls it first thing): otherwise code that already ran untraced (an
     import-time table, a cached result) could be missing from the list, and nothing is recorded.
     False when not recording."""
+    if os.environ.get("PTQBENCH_TRACE_CODE", "").lower() in ("0", "off", "false", "no"):
+        return False  # opted out: no records are adopted later (tracing costs a few % in Python-heavy loops)
     with _LOCK:
         if not _STATE["active"] and sys.gettrace() is None:
             early = not any(_module_of(getattr(m, "__file__", None) or "", TRACKED) not in (None, *TRACKED)
