@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from harness import progress, runner
+from harness import fingerprint, progress, runner
 from harness.claims import Claim
 from harness.executors import Executor, get_executor
-from harness import fingerprint
 from harness.spec import Cell, library_versions
 from harness.spec.code import method_code_hash
 from harness.spec.hashing import run_identity

@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 
-from harness import runner
+from harness import fingerprint, runner
 from harness.executors import Executor, register_executor
-from harness import fingerprint
 from harness.spec import Cell
 from harness.store import Store
 
