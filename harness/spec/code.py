@@ -11,6 +11,8 @@ The trade-off, chosen on purpose:
   (a rerun then recomputes: safe, and the cost of one smoke matrix).
 - Code outside the closure (reports, CLI, executors, the store, W&B) never changes an id.
 - Third-party libraries are covered by their versions (`versions` in the key), not by their source.
+- The cost of recomputing after an edit is bounded by `harness.fingerprint`: a record that lists the code it
+  executed is adopted under its new id when none of that code changed.
 """
 from __future__ import annotations
 
