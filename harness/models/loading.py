@@ -44,7 +44,7 @@ class ModelInfo:
     """Where the weights came from; `fingerprint()` is what run ids hash."""
 
     name: str  # as asked
-    kind: str  # "tiny" | "gguf" | "dir" | "hub"
+    kind: str  # "tiny" | "gguf" | "dir" | "hub" | "derived"
     alias: str | None = None
     path: str | None = None  # GGUF file or local directory
     hub_id: str | None = None
@@ -53,7 +53,9 @@ class ModelInfo:
     family: str | None = None  # tiny family
     loaded_from: str | None = None  # the dequantised-GGUF cache directory, when it was used
     commit: str | None = None  # the hub commit the files came from (known after loading)
-    content: str | None = None  # local directory: digest of its files' names, sizes and sha256 (dir_content_hash)
+    content: str | None = None  # local directory: digest of its files' names, sizes and sha256 (dir_content_hash);
+    #                             derived model: digest of its recipe and base (the cache key)
+    recipe: dict[str, Any] | None = None  # derived model: base, method, params, calib, seed, code (derived.py)
 
     def fingerprint(self) -> dict[str, Any]:
         """Enough to tell whether two runs used the same weights (no machine-specific paths)."""
@@ -62,6 +64,8 @@ class ModelInfo:
         if self.kind == "gguf":
             out = {"kind": "gguf", "path": Path(self.path).name, "sha256": self.sha256}
             return {"kind": "gguf", "alias": self.alias, **out} if self.alias else out
+        if self.kind == "derived":
+            return {"kind": "derived", "alias": self.alias, "recipe": self.recipe}
         if self.kind == "dir":  # the content, not only the path: re-saved weights get new run ids
             return {"kind": "dir", "path": self.path, "content": self.content}
         return {"kind": "hub", "hub_id": self.hub_id, "revision": self.revision}
@@ -215,6 +219,8 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
         entry = ALIASES[name]
         if "tiny" in entry:
             return ModelInfo(name, "tiny", alias=name, family=entry["tiny"])
+        if "derived" in entry:
+            return _derived_info(name, entry, revision)
         if "gguf_assemble" in entry:
             path = _assembled_gguf(entry["gguf_assemble"], entry["pip"])
         else:
@@ -237,6 +243,14 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
     raise UnknownNameError("model", name, [*ALIASES, "<org>/<name> hub id", "<local dir>", "<file.gguf>"])
 
 
+def _derived_info(name: str, entry: dict[str, Any], revision: str | None) -> ModelInfo:
+    from harness.models.derived import recipe_key, recipe_of
+
+    recipe = recipe_of(entry)
+    recipe["base_fingerprint"] = model_info(recipe["base"], revision).fingerprint()
+    return ModelInfo(name, "derived", alias=name, recipe=recipe, content=recipe_key(recipe))
+
+
 def resolve(name: str, revision: str | None = None) -> dict[str, Any]:
     """Where a model name points: {'kind': 'tiny'|'gguf'|'dir'|'hub', ...} (see ModelInfo)."""
     info = model_info(name, revision)
@@ -250,7 +264,7 @@ def model_fingerprint(name: str, revision: str | None = None) -> dict[str, Any]:
 
 # ---- GGUF cache -------------------------------------------------------------------------------
 def gguf_cache_root() -> Path | None:
-    """Where dequantised GGUF models are cached (None: caching off)."""
+    """Where dequantised GGUF models (and built derived models) are cached (None: caching off)."""
     value = os.environ.get("PTQBENCH_MODEL_CACHE", "")
     if value.lower() in ("0", "off", "false", "no", "none"):
         return None
@@ -364,8 +378,13 @@ def load_model(name: str, revision: str | None = None, dtype: torch.dtype | str 
     info = model_info(name, revision)
     if info.kind == "tiny":
         model, tokenizer, _ = make_tiny_model(info.family, dtype=dtype)
-    elif info.kind == "gguf":
-        model, tokenizer, cached = _load_gguf(info, dtype, trust_remote_code, cache)
+    elif info.kind in ("gguf", "derived"):
+        if info.kind == "gguf":
+            model, tokenizer, cached = _load_gguf(info, dtype, trust_remote_code, cache)
+        else:
+            from harness.models.derived import load_derived
+
+            model, tokenizer, cached = load_derived(info, dtype, cache)
         if cached:
             info = ModelInfo(**{**asdict(info), "loaded_from": cached})
     else:

@@ -1,6 +1,7 @@
 """Conformance of every registered method (built-ins and `ptqbench.methods` entry-point plugins).
 
-Per method, on a tiny dense model (llama) and a tiny MoE (qwen3_moe):
+Per method, on a tiny dense model (llama, gemma3), a tiny MoE (qwen3_moe) and a tiny llama carved into a
+Qwen2-MoE by CMoE (`tiny-llama-cmoe`: real carved experts, a shared expert and CMoE's router):
 
   a. params: the defaults validate, an unknown param and an ill-typed numeric/bool/Literal value are
      one-line `InvalidParamsError`s;
@@ -29,14 +30,16 @@ import torch
 
 from harness.errors import PtqbenchError
 from harness.method import CalibConfig, CalibContext, InvalidParamsError
-from harness.models import get_adapter, make_tiny_model
+from harness.models import get_adapter, load_model, make_tiny_model
 from harness.quant import get_scheme
 from harness.registry import broken_methods, get_method, list_methods
 from harness.state import State, state_difference
 
 METHODS = list_methods()
-FAMILIES = ["llama", "qwen3_moe", "gemma3"]
-MOE_FAMILIES = ["qwen3_moe"]
+FAMILIES = ["llama", "qwen3_moe", "gemma3", "llama_cmoe"]
+MOE_FAMILIES = ["qwen3_moe", "llama_cmoe"]
+#: families that are model aliases rather than tiny random families
+ALIAS_FAMILIES = {"llama_cmoe": "tiny-llama-cmoe"}
 #: Scheme of the state, determinism and MoE checks: weights, activations and the KV cache quantized.
 QUANT_SCHEME = "w4a4kv4"
 OFF_SCHEME = "w16a16"
@@ -47,7 +50,15 @@ SEED = 0
 
 #: Methods that compress by design even without quantizers run the checks at the setting where they are
 #: lossless (CSKV keeps every channel), so "quantizers off" still means "the model unchanged".
-LOSSLESS_PARAMS = {"cskv": {"key_density": 1.0, "value_density": 1.0}}
+LOSSLESS_PARAMS = {"cskv": {"key_density": 1.0, "value_density": 1.0},
+                   "cmoe": {"num_experts": 4, "shared_experts": 1, "active_experts": 3}}
+
+
+def tiny_model(family: str, seed: int = 0):
+    """(model, tokenizer, adapter) of a tiny family, or of the alias standing for one (built once, cached)."""
+    if family in ALIAS_FAMILIES:
+        return load_model(ALIAS_FAMILIES[family])
+    return make_tiny_model(family, seed=seed)
 
 
 def conformance_params(name: str) -> dict[str, Any]:
@@ -78,13 +89,13 @@ def windows(family: str, corpus: str, n: int, seqlen: int, seed: int) -> torch.T
     if key not in _WINDOWS:
         from harness.data import calibration_windows
 
-        _, tok, _ = make_tiny_model(family)
+        _, tok, _ = tiny_model(family)
         _WINDOWS[key] = calibration_windows(tok, corpus, n, seqlen, seed)
     return _WINDOWS[key]
 
 
 def calib_context(family: str, scheme: str) -> CalibContext:
-    model, tok, adapter = make_tiny_model(family, seed=0)
+    model, tok, adapter = tiny_model(family, seed=0)
     ctx = CalibContext(model=model, tokenizer=tok, adapter=adapter, scheme=get_scheme(scheme), calib=CALIB, seed=SEED)
     ctx._inputs = windows(family, CALIB.corpus, CALIB.n, CALIB.seqlen, SEED).clone()
     return ctx
@@ -255,7 +266,7 @@ def test_state_round_trip(name, family, tmp_path):
 def test_quantizers_off_leave_the_logits_unchanged(name, family):
     out = calibrated(name, family, OFF_SCHEME)
     ids = windows(family, "wikitext2", *EVAL_WINDOWS, seed=1)
-    reference, _, _ = make_tiny_model(family, seed=0)
+    reference, _, _ = tiny_model(family, seed=0)
     ref = reference(ids).logits
     # apply on the model calibrate ran on, as the runner does without a cached state
     model, _ = applied(name, out.model, out.adapter, out.state, family, OFF_SCHEME)
@@ -289,7 +300,7 @@ def test_weight_quantization_changes_every_expert(name, family):
     if not cls.uses_scheme:
         pytest.skip(f"{name} ignores the quantization scheme (uses_scheme = False)")
     state = calibrated(name, family, QUANT_SCHEME).state
-    fresh, _, fresh_adapter = make_tiny_model(family, seed=0)
+    fresh, _, fresh_adapter = tiny_model(family, seed=0)
     before = {v.index: (v.experts.gate_up.detach().clone(), v.experts.down.detach().clone())
               for v in fresh_adapter.layers() if v.experts is not None}
     assert before, f"{family} has no MoE layer"
