@@ -97,7 +97,7 @@ def _eval_kl(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict) ->
     return {t.name: kl_to_reference(model, refs[t.name]) for t in tasks}
 
 
-def _collect_kl_reference(model, tokenizer, task: TaskSpec) -> Any:
+def _collect_kl_reference(model, tokenizer, task: TaskSpec, cell: Cell) -> Any:
     from harness.eval import collect_reference
 
     s = task.settings
@@ -111,15 +111,29 @@ def _eval_greedy(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict
     return {t.name: greedy_agreement(model, refs[t.name]) for t in tasks}
 
 
-def _collect_greedy_reference(model, tokenizer, task: TaskSpec) -> Any:
+def _collect_greedy_reference(model, tokenizer, task: TaskSpec, cell: Cell) -> Any:
     from harness.eval.greedy import collect_greedy_reference
 
     s = task.settings
     return collect_greedy_reference(model, tokenizer, s["dataset"], s["prompt_len"], s["new_tokens"], s["prompts"])
 
 
+def _eval_routing(model, tokenizer, tasks: list[TaskSpec], cell: Cell, refs: dict) -> dict[str, Any]:
+    from harness.eval.routing import routing_fidelity
+
+    return {t.name: routing_fidelity(model, refs[t.name]) for t in tasks}
+
+
+def _collect_routing_reference(model, tokenizer, task: TaskSpec, cell: Cell) -> Any:
+    from harness.eval.routing import collect_routing_reference
+
+    s = task.settings
+    calib = cell.calib if cell.calib.get("corpus") in CALIB_CORPORA else None
+    return collect_routing_reference(model, tokenizer, s["dataset"], s["seqlen"], s["windows"], calib, cell.seed or 0)
+
+
 EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _eval_ppl, "lm_eval": _eval_lm, "kl": _eval_kl,
-                                                         "greedy": _eval_greedy}
+                                                         "greedy": _eval_greedy, "routing": _eval_routing}
 
 
 def _lm_eval_source(task: TaskSpec) -> tuple[str, str] | None:
@@ -139,6 +153,7 @@ DATA_SOURCES: dict[str, Callable[[TaskSpec], tuple[str, str] | None]] = {
     "lm_eval": _lm_eval_source,
     "kl": lambda task: _text_source(task.settings.get("dataset", "")),
     "greedy": lambda task: _text_source(task.settings.get("dataset", "")),
+    "routing": lambda task: _text_source(task.settings.get("dataset", "")),
 }
 
 
@@ -147,7 +162,8 @@ def check_data(cells: list[Cell]) -> None:
     needs = {calib_source(cell.calib["corpus"]) for cell in cells if cell.calib.get("corpus") in CALIB_CORPORA}
     needs |= {DATA_SOURCES[task.kind](task) for cell in cells for task in cell.tasks if task.kind in DATA_SOURCES}
     check_available(needs - {None})
-REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference, "greedy": _collect_greedy_reference}
+REFERENCE_COLLECTORS: dict[str, Callable[..., Any]] = {"kl": _collect_kl_reference, "greedy": _collect_greedy_reference,
+                                                       "routing": _collect_routing_reference}
 
 
 def _is_number(v: Any) -> bool:
@@ -359,7 +375,7 @@ def _run_cell(cell: Cell, store: Store | str | os.PathLike | None, model_loader:
         for task in cell.tasks:
             if task.kind in REFERENCE_COLLECTORS:
                 try:
-                    refs[task.name] = REFERENCE_COLLECTORS[task.kind](model, tokenizer, task)
+                    refs[task.name] = REFERENCE_COLLECTORS[task.kind](model, tokenizer, task, cell)
                 except (Exception, SystemExit) as exc:  # noqa: BLE001
                     ref_errors[task.name] = exc
 

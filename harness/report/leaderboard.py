@@ -184,7 +184,7 @@ def build_leaderboards(df: pd.DataFrame, metric: str, task: str, model: str, **k
             for _, rows in by_protocol(select(df, task, model))]
 
 
-HEADLINE_METRICS = ("ppl", "acc", "kl", "greedy_agreement")
+HEADLINE_METRICS = ("ppl", "acc", "kl", "greedy_agreement", "routing_agreement")
 
 
 def headline_leaderboards(df: pd.DataFrame, metrics=HEADLINE_METRICS) -> list[Leaderboard]:

@@ -134,7 +134,7 @@ def protocols_html(df: pd.DataFrame) -> str:
     if df.empty:
         return ""
     mcol = method_column(df)
-    main = df[df["metric"].isin(["ppl", "acc", "kl", "greedy_agreement"]) | df["metric"].isna()]
+    main = df[df["metric"].isin(["ppl", "acc", "kl", "greedy_agreement", "routing_agreement"]) | df["metric"].isna()]
     rows = []
     for _, r in main.sort_values([c for c in ("model", mcol, "scheme", "task", "seed") if c in main]).iterrows():
         value = "failed" if r.get("status") != "done" else text_of(r.get("value"))

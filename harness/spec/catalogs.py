@@ -13,7 +13,7 @@ PPL_DATASETS = ("wikitext2", "c4", "ptb")
 
 
 def task_catalog() -> dict[str, str]:
-    """Known task names -> kind ("ppl", "lm_eval", "kl", "greedy")."""
+    """Known task names -> kind ("ppl", "lm_eval", "kl", "greedy", "routing")."""
     out = {name: "ppl" for name in PPL_DATASETS}
     try:
         from harness import eval as heval
@@ -28,6 +28,7 @@ def task_catalog() -> dict[str, str]:
         pass
     out["kl"] = "kl"
     out["greedy"] = "greedy"
+    out["routing"] = "routing"
     return out
 
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # "ppl" | "lm_eval" | "kl" | "greedy"
+    kind: str  # "ppl" | "lm_eval" | "kl" | "greedy" | "routing"
     settings: dict[str, Any]
 
     @property

@@ -279,7 +279,7 @@ def _resolve_tasks(where: Located, entries: list, defaults: dict, loc) -> list[T
             else:
                 msg = f"{key}: {err.get('msg')} (got {short(err.get('input'))})"
             raise where.error(loc("tasks", i), msg) from None
-        if kind in ("kl", "greedy") and settings["dataset"] not in catalogs.PPL_DATASETS:
+        if kind in ("kl", "greedy", "routing") and settings["dataset"] not in catalogs.PPL_DATASETS:
             raise where.error(loc("tasks", i), f"unknown {kind} dataset {short(settings['dataset'])}; choose one of: "
                               f"{', '.join(catalogs.PPL_DATASETS)}")
         if name in seen:

@@ -46,8 +46,14 @@ class GreedySettings(Strict):
     prompts: PositiveInt = 8
 
 
+class RoutingSettings(Strict):
+    dataset: str = "wikitext2"
+    seqlen: PositiveInt = 512
+    windows: PositiveInt = 4  # evaluation windows whose routing is compared with the FP model's
+
+
 KIND_SETTINGS: dict[str, type[Strict]] = {"ppl": PplSettings, "lm_eval": LmEvalSettings, "kl": KlSettings,
-                                          "greedy": GreedySettings}
+                                          "greedy": GreedySettings, "routing": RoutingSettings}
 #: Task settings that change only the speed, never the number: left out of the run id.
 NOT_HASHED = {"lm_eval": {"batch_size"}, "ppl": {"batch_size"}}
 
@@ -71,6 +77,7 @@ class Matrix(Strict):
     lm_eval: dict[str, Any] | None = None
     kl: dict[str, Any] | None = None
     greedy: dict[str, Any] | None = None
+    routing: dict[str, Any] | None = None
     include: list[Any] | None = None
     exclude: list[Any] | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
@@ -94,7 +101,7 @@ class SpecFile(Matrix):
 
 
 #: Keys a scale merges into the top level key by key (every other key it replaces).
-MERGED_MAPPINGS = ("ppl", "lm_eval", "kl", "greedy")
+MERGED_MAPPINGS = ("ppl", "lm_eval", "kl", "greedy", "routing")
 SEED_LIMIT = 2 ** 63
 #: torch intra-op threads of a cell unless the spec says `threads:`. CPU results depend on the thread count
 #: (a blocked Cholesky or reduction sums in another order), so it is fixed per cell, not taken from the machine:

@@ -218,7 +218,7 @@ def test_reusing_the_loaded_model_changes_no_number(tmp_path):
 def test_a_failed_reference_fails_only_the_tasks_that_need_it(tmp_path, monkeypatch):
     import harness.runner as runner
 
-    def no_reference(model, tokenizer, task):
+    def no_reference(model, tokenizer, task, cell=None):
         raise FileNotFoundError("reference data missing")
 
     monkeypatch.setattr(runner, "REFERENCE_COLLECTORS", {"kl": no_reference})
