@@ -77,4 +77,13 @@ def write_report(spec, cells, store, scale: str | None, out_dir: str | Path | No
                                    if p.suffix == ".png"]
                     except Exception:  # noqa: BLE001 - a plot never blocks the report
                         pass
+    if not df.empty and (df["metric"] == "routing_agreement").any():  # MoE runs: expert shift by layer
+        models = sorted(set(df[df["metric"] == "routing_agreement"]["model"].dropna()))
+        for model in models:
+            try:
+                images += [p for p in plots.routing_by_layer(df, out, model=model,
+                                                             prefix=f"{model}_" if len(models) > 1 else "")
+                           if p.suffix == ".png"]
+            except Exception:  # noqa: BLE001 - a plot never blocks the report
+                pass
     return write_paper_report(spec.data, df, out, scale=scale or "default", plots=images)

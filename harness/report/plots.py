@@ -121,6 +121,28 @@ def metric_vs_kv_bits(df: pd.DataFrame, metric: str, out_dir: Path, task: str | 
     return _save(fig, out_dir, f"{prefix}{metric}_vs_kv_bits")
 
 
+def routing_by_layer(df: pd.DataFrame, out_dir: Path, model: str | None = None, prefix: str = "") -> list[Path]:
+    """MoE expert-selection agreement with the FP model per MoE layer (the `routing` task's
+    `routing_agreement.layer<i>`), one line per (method, scheme): where along the depth expert shift starts."""
+    rows = select(df, "routing", model)
+    rows = rows[(rows["status"] == "done") & rows["metric"].astype(str).str.startswith("routing_agreement.layer")]
+    if rows.empty:
+        return []
+    rows = rows.assign(layer=rows["metric"].str.rsplit("layer", n=1).str[-1].astype(int))
+    mcol = method_column(rows)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (method, scheme), group in rows.groupby([mcol, "scheme"]):
+        line = group.groupby("layer")["value"].mean().sort_index()
+        ax.plot(line.index, line.values, marker=".", label=f"{method} / {scheme}")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("top-k expert set = FP model's (fraction of tokens)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"expert-selection agreement by layer — {model or ''}".strip(" —"))
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, f"{prefix}routing_by_layer")
+
+
 def cost_scatter(df: pd.DataFrame, metric: str, out_dir: Path, cost_metric: str = "calib_seconds",
                  task: str | None = None, model: str | None = None) -> list[Path]:
     mcol = method_column(df)

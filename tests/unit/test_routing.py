@@ -65,3 +65,6 @@ def test_routing_task_in_a_spec_records_loads_and_claims_read_it(tmp_path):
     assert result.verdict in ("reproduced", "inconclusive")
     kl = evaluate_claim("router_kl(rtn, w4a4) > router_kl(fp, w16a16)", ResultLookup(df))
     assert kl.verdict in ("reproduced", "inconclusive")
+    from harness.report.plots import routing_by_layer
+
+    assert any(p.suffix == ".png" for p in routing_by_layer(df, tmp_path / "plots", model="tiny-qwen3-moe"))
