@@ -10,6 +10,11 @@ more than the weight error itself, costs accuracy. QESC (quantization with exper
    with the routers before l already calibrated — the router's weight W_l (kept in full precision) is
    trained so that the quantized model's router distribution matches the FP one on the same tokens:
    minimise KL(softmax(z_l) || softmax(router_l(x̃))) with Adam, `steps` full-batch steps at `lr`.
+PESF (pruned-expert selection by frequency, `prune_fraction` > 0): per MoE layer the experts the FP model
+selects least often on the calibration tokens are removed from the pool (at least top-k stay); the router
+picks its top-k among the others and its distribution is renormalised over them
+(harness.models.adapters.routing.prune_experts). QESC then calibrates the routers with the pruning in place.
+
 The router is trained through its own forward (any router whose forward returns logits first, CMoE's
 analytical router included), so selection and combine weights follow the calibrated logits.
 
@@ -19,7 +24,8 @@ Deviations (likely effect):
   the uncalibrated routing of the layers before it — small, since a router changes only routing;
 - the loss is the KL of the full router distributions (the paper's exact loss was not readable; it aligns
   the top-k selection): it also aligns the combine weights;
-- PESF (pruning the experts a task selects least) is not implemented yet;
+- PESF is static here: the experts pruned are those the FP model selects least on the calibration tokens
+  (the task's data stands in for the task), fixed for the run, instead of per request at inference;
 - the calibrated routers are plain FP weights; the scheme never quantizes routers;
 - the quantized stream runs on a copy of the model (2x the model's memory during calibration).
 """
@@ -44,6 +50,7 @@ from methods.gptq import _fmt_dict
 class EACMoEState(State):
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # quantized linears and experts
     routers: dict[str, torch.Tensor] = field(default_factory=dict)  # calibrated router weights (FP)
+    pruned: dict[str, list[int]] = field(default_factory=dict)  # PESF: per MoE layer, the experts removed
 
 
 def router_inputs(model, adapter, calib: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
@@ -93,6 +100,28 @@ def calibrate_router(router: torch.nn.Module, x: torch.Tensor, target_logits: to
     return {"kl_before": before, "kl_after": after}
 
 
+def least_selected(logits: torch.Tensor, top_k: int, fraction: float) -> list[int]:
+    """PESF: the floor(fraction x E) experts selected least often (top-k of `logits`), keeping >= top_k."""
+    n = logits.shape[1]
+    drop = min(int(fraction * n), n - top_k)
+    counts = torch.bincount(logits.topk(top_k, -1).indices.reshape(-1), minlength=n)
+    return sorted(torch.argsort(counts, stable=True)[:drop].tolist()) if drop > 0 else []
+
+
+def install_pruning(adapter, pruned: dict[str, list[int]]) -> None:
+    from harness.models.adapters.routing import prune_experts
+
+    for view in adapter.layers():
+        if view.experts is not None and pruned.get(str(view.index)):
+            prune_experts(view.experts.router, pruned[str(view.index)])
+
+
+def experts_kept(adapter, pruned: dict[str, list[int]]) -> float:
+    views = [v for v in adapter.layers() if v.experts is not None]
+    total = sum(v.experts.num_experts for v in views)
+    return 1.0 - sum(len(pruned.get(str(v.index), [])) for v in views) / total
+
+
 def top_k_agreement(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     """Fraction of tokens whose top-k sets of logits a and b are equal."""
     return float((a.topk(k, -1).indices.sort(-1).values == b.topk(k, -1).indices.sort(-1).values).all(-1).float().mean())
@@ -113,6 +142,7 @@ class EACMoE(Method):
         lr: float = Field(1e-3, gt=0, le=1)
         block_size: PositiveInt = 128  # GPTQ's
         damp: float = Field(0.01, gt=0, le=1)
+        prune_fraction: float = Field(0.0, ge=0, lt=1)  # PESF: share of each layer's routed experts removed
 
     def calib_scheme_key(self, scheme: Any) -> Any:
         if scheme is None:
@@ -131,6 +161,8 @@ class EACMoE(Method):
 
             raise InvalidValueError("model for eac_moe", adapter.family, "an MoE model (qwen2_moe, qwen3_moe, ...)")
         fp_logits = router_inputs(model, adapter, calib)  # 1. the targets
+        pruned = {str(v.index): least_selected(fp_logits[v.index], v.experts.top_k, p.prune_fraction)
+                  for v in adapter.layers() if v.experts is not None and p.prune_fraction > 0}
         weights: dict[str, torch.Tensor] = {}
         fmt = ctx.scheme.weight if ctx.scheme is not None else None
         if fmt is not None and p.base == "gptq":  # 2.
@@ -142,6 +174,7 @@ class EACMoE(Method):
         quantized = copy.deepcopy(model)
         qadapter = get_adapter(quantized)
         apply_scheme(quantized, qadapter, ctx.scheme or "w16a16", quantize_weights=(p.base == "rtn"))
+        install_pruning(qadapter, pruned)
         routers, meta = {}, {"kl_before": [], "kl_after": [], "agreement_before": [], "agreement_after": []}
         names = {id(m): n for n, m in quantized.named_modules()}
         for step in walk_layers(quantized, qadapter, calib, batch_size=8, progress=ctx.progress, desc="qesc"):  # 3.
@@ -167,7 +200,8 @@ class EACMoE(Method):
             routers[f"{names[id(router)]}.weight"] = router.weight.detach().to("cpu").clone()
             step.run()  # the next layer sees this router calibrated
         del quantized
-        return EACMoEState(weights=weights, routers=routers, meta=meta)
+        meta["experts_kept_fraction"] = experts_kept(adapter, pruned)
+        return EACMoEState(weights=weights, routers=routers, pruned=pruned, meta=meta)
 
     def apply(self, model, adapter, state: EACMoEState, scheme):
         from harness.quant import apply_scheme
@@ -175,13 +209,15 @@ class EACMoE(Method):
         self._meta = state.meta
         load_solved_weights(model, {**state.weights, **state.routers})
         rtn = self.params.base == "rtn"
-        return apply_scheme(model, adapter, scheme or "w16a16", quantize_weights=rtn)
+        model = apply_scheme(model, adapter, scheme or "w16a16", quantize_weights=rtn)
+        install_pruning(adapter, state.pruned)
+        return model
 
     def metrics(self, model, ctx) -> dict[str, float]:
         meta = getattr(self, "_meta", None) or {}
         if not meta.get("kl_before"):
             return {}
         mean = lambda v: float(sum(v) / len(v))  # noqa: E731
-        return {"calib_router_kl_before": mean(meta["kl_before"]), "calib_router_kl_after": mean(meta["kl_after"]),
+        return {"experts_kept_fraction": float(meta.get("experts_kept_fraction", 1.0)),"calib_router_kl_before": mean(meta["kl_before"]), "calib_router_kl_after": mean(meta["kl_after"]),
                 "calib_agreement_before": mean(meta["agreement_before"]),
                 "calib_agreement_after": mean(meta["agreement_after"])}

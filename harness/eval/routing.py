@@ -49,7 +49,9 @@ class RouterTap:
     def _hook(self, layer: int):
         def hook(_module, _args, out):
             logits, _, index = out
-            self.seen[layer].append((F.log_softmax(logits.float(), dim=-1).cpu(), index.cpu()))
+            mask = getattr(_module, "expert_mask", None)  # pruned experts (adapters.routing): renormalised
+            logits = logits.float() if mask is None else logits.float() + mask.to(logits.device)
+            self.seen[layer].append((F.log_softmax(logits, dim=-1).cpu(), index.cpu()))
         return hook
 
     def take(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

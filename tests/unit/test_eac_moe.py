@@ -55,3 +55,37 @@ def test_a_dense_model_is_refused_in_one_line():
 
     with pytest.raises(InvalidValueError, match="an MoE model"):
         quantized("eac_moe", {"steps": 1}, "llama")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "llama_cmoe"])
+@torch.no_grad()
+def test_pesf_removes_the_least_selected_experts_from_the_pool(family):
+    from harness.models import load_model
+    from harness.models.adapters.routing import prune_experts
+
+    model, tok, adapter = load_model("tiny-llama-cmoe") if family == "llama_cmoe" else make_tiny_model(family)
+    x = torch.randn(64, model.config.hidden_size)
+    router = adapter.layer(0).experts.router
+    logits, weights, index = router(x)
+    prune_experts(router, [0])
+    logits2, weights2, index2 = router(x)
+    assert torch.equal(logits, logits2) and not (index2 == 0).any()
+    kept = ~(index == 0).any(-1)  # tokens that did not pick expert 0 keep their experts
+    assert torch.equal(index[kept], index2[kept])
+    if family != "llama_cmoe":  # the distribution is renormalised over the remaining experts
+        probs = torch.softmax(logits.float()[:, 1:], -1)
+        top = probs.topk(router.top_k, -1).values
+        if getattr(router, "norm_topk_prob", True):
+            top = top / top.sum(-1, keepdim=True)
+        assert torch.allclose(weights2.float(), top, atol=1e-6)
+
+
+def test_eac_moe_prunes_as_configured():
+    model, state, method = quantized("eac_moe", {"block_size": 32, "steps": 5, "prune_fraction": 0.5})
+    assert {k: len(v) for k, v in state.pruned.items()} == {"0": 2, "1": 2}  # 4 experts, top-2 kept
+    assert method.metrics(model, None)["experts_kept_fraction"] == 0.5
+    ids = torch.randint(3, 500, (2, 32))
+    from harness.eval.routing import _route
+
+    for layer, (_, index) in _route(model, ids)[0].items():
+        assert not set(index.reshape(-1).tolist()) & set(state.pruned[str(layer)])
