@@ -6,6 +6,8 @@ logits, fp32), the expert loads, and the FP routing of the calibration windows (
 layer-wise calibration on FP inputs sees). `routing_fidelity` runs the quantized model over the same windows:
 - `routing_agreement`: the fraction of (token, layer) pairs whose top-k expert *set* equals the FP one's
   (each model on its own hidden states: what decoding sees), per layer too (`routing_agreement.layer<i>`);
+- `routing_overlap`: the mean fraction of the FP top-k experts the model also selects (a softer measure:
+  with 6 of 10 experts active, one swapped expert breaks the set equality), per layer too;
 - `router_kl`: KL(FP || quantized) of the router distributions, mean over tokens, per layer too;
 - `info.expert_load` / `info.fp_expert_load`: tokens per expert per layer on the evaluation windows,
   `info.calib_tokens_per_expert`: on the calibration windows (FP routing).
@@ -112,16 +114,21 @@ def routing_fidelity(model: Any, reference: RoutingReference) -> EvalResult:
     layers = sorted(reference.routes[0])
     agree = {i: [] for i in layers}  # per layer, per window: fraction of tokens with the FP expert set
     kl = {i: [] for i in layers}
+    overlap = {i: [] for i in layers}
     for fp, q in zip(reference.routes, routes):
         for i in layers:
             (fp_lp, fp_ix), (q_lp, q_ix) = fp[i], q[i]
             same = (fp_ix.sort(-1).values == q_ix.sort(-1).values).all(-1)
             agree[i].append(float(same.float().mean()))
+            shared = (fp_ix[:, :, None] == q_ix[:, None, :]).any(-1).float().mean(-1)
+            overlap[i].append(float(shared.mean()))
             kl[i].append(float((fp_lp.exp() * (fp_lp - q_lp)).sum(-1).mean()))
     per_window_agree = [sum(agree[i][w] for i in layers) / len(layers) for w in range(len(routes))]
     per_window_kl = [sum(kl[i][w] for i in layers) / len(layers) for w in range(len(routes))]
-    extra: dict[str, Any] = {"router_kl": sum(per_window_kl) / len(per_window_kl)}
+    extra: dict[str, Any] = {"router_kl": sum(per_window_kl) / len(per_window_kl),
+                             "routing_overlap": sum(sum(v) for v in overlap.values()) / (len(layers) * len(routes))}
     for i in layers:
+        extra[f"routing_overlap.layer{i}"] = sum(overlap[i]) / len(overlap[i])
         extra[f"routing_agreement.layer{i}"] = sum(agree[i]) / len(agree[i])
         extra[f"router_kl.layer{i}"] = sum(kl[i]) / len(kl[i])
     merged = {i: (routes[0][i][0], torch.cat([r[i][1] for r in routes])) for i in layers}
@@ -133,6 +140,7 @@ def routing_fidelity(model: Any, reference: RoutingReference) -> EvalResult:
     protocol.update({"kind": "routing", "metric": "routing_agreement",
                      "routing_agreement": "fraction of (token, MoE layer) pairs whose top-k expert set equals the FP "
                      "model's on the same windows (each model on its own hidden states)",
+                     "routing_overlap": "mean fraction of the FP model's top-k experts the model also selects",
                      "router_kl": "KL(FP || model) of softmax(router logits), fp32, mean over tokens and layers",
                      "dtype": model_dtype(model), "device": str(model_device(model)), "seed": None,
                      "versions": library_versions()})

@@ -38,7 +38,7 @@ NOT_REPRODUCED = CONTRADICTED  # the former name of the verdict
 
 # metric names in the records, per claim function
 METRIC_OF = {"ppl": "ppl", "acc": "acc", "kl": "kl", "agreement": "greedy_agreement", "routing": "routing_agreement",
-             "router_kl": "router_kl"}
+             "routing_overlap": "routing_overlap", "router_kl": "router_kl"}
 COMPARATORS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
 ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
