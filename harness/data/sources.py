@@ -146,7 +146,7 @@ def check_available(needs: set[tuple[str, str]]) -> None:
         return
     root = data_dir()
     if root is None:
-        from harness.models.loading import hub_offline
+        from harness.hub import hub_offline
 
         if hub_offline():
             names = ", ".join(f"{n} ({s})" for n, s in sorted(needs))

@@ -47,23 +47,18 @@ def recipe_key(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_dir(alias: str, key: str) -> Path | None:
-    from harness.models.loading import gguf_cache_root
-
-    root = gguf_cache_root()
-    return None if root is None else root / f"{alias}-{key}"
-
-
-def load_derived(info, dtype: torch.dtype, cache: bool):
-    """(model, tokenizer, cache dir or None) of a derived alias (`info`: its ModelInfo)."""
+def load_derived(info, dtype: torch.dtype, cache_root: Path | None, load_base):
+    """(model, tokenizer, cache dir or None) of a derived alias (`info`: its ModelInfo). `cache_root`: the
+    model cache (None: no caching); `load_base(name, dtype=...)`: the loader of the base model
+    (harness.models.loading.load_model, passed in so that this module does not import its caller)."""
     from harness.registry import get_method
 
     recipe = info.recipe
     method_cls = get_method(recipe["method"])
-    where = cache_dir(info.alias, info.content) if cache else None
+    where = None if cache_root is None else cache_root / f"{info.alias}-{info.content}"
     if where is not None and (where / "ptqbench_source.json").is_file():
         return _load_saved(where, method_cls, dtype), _tokenizer(where), str(where)
-    model, tokenizer, build = _build(recipe, method_cls)
+    model, tokenizer, build = _build(recipe, method_cls, load_base)
     if where is not None:
         _save(where, model, tokenizer, {**recipe, "build": build})
     return model.to(dtype), tokenizer, None
@@ -74,13 +69,12 @@ def build_info(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(directory) / "ptqbench_source.json").read_text())
 
 
-def _build(recipe: dict[str, Any], method_cls):
+def _build(recipe: dict[str, Any], method_cls, load_base):
     from harness.eval.ppl import perplexity
     from harness.method import CalibConfig, CalibContext
-    from harness.models.loading import load_model
 
     t0 = time.perf_counter()
-    model, tokenizer, adapter = load_model(recipe["base"], dtype=torch.float32)
+    model, tokenizer, adapter = load_base(recipe["base"], dtype=torch.float32)
     base_ppl = perplexity(model, tokenizer, **BUILD_PPL).value
     method = method_cls(recipe["params"])
     ctx = CalibContext(model=model, tokenizer=tokenizer, adapter=adapter, scheme=None,

@@ -19,17 +19,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from harness.devices import check_device
 from harness.errors import PtqbenchError, UnknownNameError
+from harness.hub import hub_offline
 from harness.models.registry import ALIASES, list_models
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -337,22 +336,6 @@ def _write_cache(cache_dir: Path, model, tokenizer, info: ModelInfo) -> None:
 
 
 # ---- hub ---------------------------------------------------------------------------------------
-def hub_offline() -> bool:
-    """True when the hub must not (HF_HUB_OFFLINE) or cannot (its host does not resolve) be reached."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return True
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # the proxy resolves names, not us
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:  # without DNS transformers retries for ~45 s before failing; this fails at once
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return True
-    return False
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:240]
 
@@ -384,7 +367,7 @@ def load_model(name: str, revision: str | None = None, dtype: torch.dtype | str 
         else:
             from harness.models.derived import load_derived
 
-            model, tokenizer, cached = load_derived(info, dtype, cache)
+            model, tokenizer, cached = load_derived(info, dtype, gguf_cache_root() if cache else None, load_model)
         if cached:
             info = ModelInfo(**{**asdict(info), "loaded_from": cached})
     else:
