@@ -95,10 +95,13 @@ class CMoERouter(nn.Module):
 def install_routers(model: nn.Module) -> None:
     """Put empty CMoE routers into a Qwen2-MoE model built from a carved model's config (before loading
     its saved weights): the derived-model cache rebuilds carved models this way."""
-    for layer in model.model.layers:
-        block = layer.mlp
-        gate = block.gate
-        block.gate = CMoERouter.empty(gate.num_experts, gate.hidden_dim, gate.top_k, gate.weight.dtype)
+    from harness.models import get_adapter
+
+    for view in get_adapter(model).layers():
+        if view.experts is not None:
+            gate = view.experts.router
+            view.replace_site("router", CMoERouter.empty(gate.num_experts, gate.hidden_dim, gate.top_k,
+                                                         gate.weight.dtype))
 
 
 # ---- the algorithm ------------------------------------------------------------------------------
